@@ -1,0 +1,33 @@
+"""ram-trl: Reinforced Agent Merging (RAM, RAM+) for multi-agent RL post-training.
+
+The top-level names are imported lazily so that ``ram-trl --help`` and small scripts start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "merge": "ram_trl.engine",
+    "probe": "ram_trl.probe",
+    "MergeConfig": "ram_trl.config",
+    "RAMError": "ram_trl.errors",
+    "InputError": "ram_trl.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ram_trl.config import MergeConfig
+    from ram_trl.engine import merge
+    from ram_trl.errors import InputError, RAMError
+    from ram_trl.probe import probe
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ram_trl' has no attribute {name!r}")
