@@ -1,0 +1,181 @@
+"""Reinforced Agent Merging (Yuan et al., arXiv 2601.13572): RAM, RAM+, RAM+s and the authors'
+``arm-r-v2`` preset.
+
+Per element i, with T_i the agents whose change mask m_t = |tau_t| > epsilon is set (Eq. 1):
+unchanged (|T_i| = 0) stays at base, unique (T_i = {t}) gets lambda_t * tau_t, shared
+(|T_i| >= 2) gets the plain mean of the changing agents' deltas (Eq. 7). The variants differ only
+in lambda_t, which depends on mask *counts* (never magnitudes) through the overlap-unique ratio
+rho_t = (t's shared elements) / (t's unique elements) (Eq. 2), counted over the whole model by
+default (``rho_scope="global"``) or per tensor (``"tensor"``, mergekit's ``ramplus_tl``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, register
+
+RHO_SCOPES = ("global", "tensor")
+
+
+def change_mask(deltas: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Eq. 1: an element counts as changed iff ``|tau| > epsilon`` (strict, in float32)."""
+    return deltas.abs() > epsilon
+
+
+def overlap_histogram(mask: torch.Tensor) -> torch.Tensor:
+    """``H[t, k]`` = how many elements agent t changed that exactly k other agents changed too.
+
+    ``mask`` is ``(N, n)`` bool. Row sums are the changed counts; ``H[:, 0]`` are the unique
+    counts and ``H[:, 1:].sum(1)`` the shared counts, which is all that rho needs. Histograms of
+    chunks and tensors add up, so one pass over the model gives both scopes and the probe.
+    """
+    n_agents = mask.shape[0]
+    count = mask.sum(0, dtype=torch.uint8 if n_agents < 255 else torch.int32)
+    rows = []
+    for t in range(n_agents):
+        keyed = count[mask[t]]  # 1..N for the elements agent t changed
+        rows.append(torch.bincount(keyed, minlength=n_agents + 1)[1:])
+    return torch.stack(rows).to(torch.int64)
+
+
+def shared_unique(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-agent (shared, unique) element counts from an overlap histogram."""
+    return hist[:, 1:].sum(1), hist[:, 0]
+
+
+def overlap_ratio(hist: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: rho_t = shared_t / unique_t (float64). ``inf`` when t has shared but no unique
+    elements (the paper leaves it undefined), 0 when t changed nothing."""
+    shared, unique = (x.to(torch.float64) for x in shared_unique(hist))
+    rho = shared / unique
+    return torch.where((shared == 0) & (unique == 0), torch.zeros_like(rho), rho)
+
+
+def _no_unique_is_one(hist: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    # An agent without unique elements has an undefined rho, and its lambda scales nothing:
+    # report it as 1 instead of crashing (the authors' script divides by zero here).
+    return torch.where(hist[:, 0] == 0, torch.ones_like(lam), lam)
+
+
+def ram_plus_scales(hist: torch.Tensor, params: RAMPlusParams) -> torch.Tensor:
+    """Eq. 6: lambda_t = 1 + r * clip(rho_t, 0, alpha)."""
+    rho = overlap_ratio(hist)
+    return _no_unique_is_one(hist, 1 + params.r * rho.clamp(0, params.alpha))
+
+
+def ram_plus_s_scales(hist: torch.Tensor, params: RAMPlusSParams) -> torch.Tensor:
+    """Eq. 8 (App. E): lambda_t = 1 + r * rho_t / (1 + rho_t) = 1 + r * shared_t / changed_t."""
+    shared, unique = (x.to(torch.float64) for x in shared_unique(hist))
+    shared_fraction = shared / (shared + unique).clamp(min=1)
+    return _no_unique_is_one(hist, 1 + params.r * shared_fraction)
+
+
+def arm_r_v2_scales(hist: torch.Tensor, params: ArmRV2Params) -> torch.Tensor:
+    """The authors' ``ram-main.py --merge_mode arm-r-v2``: lambda_t = 1 + (r - 1) * min(1, rho_t),
+    with r <= 1 treated as 1 (their r = 1.1 is the paper's r = 0.1, with alpha effectively 1)."""
+    rho = overlap_ratio(hist)
+    return _no_unique_is_one(hist, 1 + (max(params.r, 1.0) - 1) * rho.clamp(max=1.0))
+
+
+def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torch.Tensor:
+    """Eq. 7: unchanged -> 0, unique -> lambda_t * tau_t, shared -> mean of the changing deltas.
+
+    ``ctx.scales`` holds lambda_t (absent for plain RAM, where lambda = 1).
+    """
+    mask = change_mask(deltas, params.epsilon)
+    kept = deltas * mask
+    count = mask.sum(0)
+    total = kept.sum(0)
+    unique = total if ctx.scales is None else (kept * ctx.scales[:, None]).sum(0)
+    return torch.where(count >= 2, total / count.clamp(min=1), unique)
+
+
+def _check_epsilon(method: str, epsilon: float) -> None:
+    check_range(method, "epsilon", epsilon, 0.0, math.inf)
+
+
+def _check_scope(method: str, scope: str) -> None:
+    from ram_trl.errors import InputError
+
+    if scope not in RHO_SCOPES:
+        raise InputError(f"{method}: rho_scope={scope!r} must be one of {', '.join(RHO_SCOPES)}")
+
+
+@dataclass(frozen=True)
+class RAMParams:
+    epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_epsilon("ram", self.epsilon)
+
+
+@dataclass(frozen=True)
+class RAMPlusParams:
+    r: float = 0.1
+    alpha: float = 2.0
+    epsilon: float = 1e-5
+    rho_scope: str = "global"
+
+    def __post_init__(self) -> None:
+        check_range("ram_plus", "r", self.r, 0.0, math.inf)
+        check_range("ram_plus", "alpha", self.alpha, 0.0, math.inf)
+        _check_epsilon("ram_plus", self.epsilon)
+        _check_scope("ram_plus", self.rho_scope)
+
+
+@dataclass(frozen=True)
+class RAMPlusSParams:
+    r: float = 0.1
+    epsilon: float = 1e-5
+    rho_scope: str = "global"
+
+    def __post_init__(self) -> None:
+        check_range("ram_plus_s", "r", self.r, 0.0, math.inf)
+        _check_epsilon("ram_plus_s", self.epsilon)
+        _check_scope("ram_plus_s", self.rho_scope)
+
+
+@dataclass(frozen=True)
+class ArmRV2Params:
+    r: float = 1.1
+    epsilon: float = 1e-5
+    rho_scope: str = "global"
+
+    def __post_init__(self) -> None:
+        check_range("arm_r_v2", "r", self.r, 0.0, math.inf)
+        _check_epsilon("arm_r_v2", self.epsilon)
+        _check_scope("arm_r_v2", self.rho_scope)
+
+
+register(MergeMethod("ram", ram_rule, RAMParams, "RAM: Eq. 7 with lambda = 1"))
+register(
+    MergeMethod(
+        "ram_plus",
+        ram_rule,
+        RAMPlusParams,
+        "RAM+: unique deltas scaled by 1 + r * clip(rho_t, 0, alpha) (Eq. 6)",
+        scales=ram_plus_scales,
+    )
+)
+register(
+    MergeMethod(
+        "ram_plus_s",
+        ram_rule,
+        RAMPlusSParams,
+        "RAM+s: unique deltas scaled by 1 + r * rho_t / (1 + rho_t) (Eq. 8)",
+        scales=ram_plus_s_scales,
+    )
+)
+register(
+    MergeMethod(
+        "arm_r_v2",
+        ram_rule,
+        ArmRV2Params,
+        "the authors' arm-r-v2 preset: 1 + (r - 1) * min(1, rho_t), r = 1.1 means paper r = 0.1",
+        scales=arm_r_v2_scales,
+    )
+)

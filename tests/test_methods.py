@@ -1,0 +1,270 @@
+"""The merge rules against the paper's worked examples (paper.md section 7) and hand computations,
+plus hypothesis properties of RAM's invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ram_trl.errors import InputError
+from ram_trl.methods import ChunkContext, change_mask, get_method, overlap_histogram
+from ram_trl.methods.baselines import disjoint_mean, kth_largest, trim_count
+from ram_trl.methods.ram import overlap_ratio
+
+EPS = 1e-5
+
+
+def run(method: str, deltas, hist=None, **params) -> torch.Tensor:
+    """Apply a method's rule to (N, n) deltas with lambdas from ``hist`` (default: the deltas')."""
+    spec = get_method(method)
+    p = spec.make_params(params)
+    deltas = torch.as_tensor(deltas, dtype=torch.float32)
+    scales = None
+    if spec.scales is not None:
+        hist = overlap_histogram(change_mask(deltas, p.epsilon)) if hist is None else hist
+        scales = spec.scales(hist, p).float()
+    thresholds = None
+    if spec.trims:
+        k = trim_count(deltas.shape[1], p.keep)
+        thresholds = torch.tensor(kth_largest(lambda: [deltas.abs()], k))
+    seeds = tuple(range(deltas.shape[0])) if spec.random else ()
+    return spec.rule(deltas, p, ChunkContext(scales, thresholds, seeds))
+
+
+def lambdas(method: str, hist, **params) -> list[float]:
+    spec = get_method(method)
+    return spec.scales(torch.as_tensor(hist), spec.make_params(params)).tolist()
+
+
+TOY_A = [1, 1, 1, 0, 0, 0, 5e-6, 1e-5]
+TOY_B = [3, 0, 0, 2, 0, 0, 0, 0]
+
+
+# --- paper section 7 -------------------------------------------------------------------------
+
+
+def test_unique_change_keeps_agent_delta_and_drops_subthreshold():  # 7.1
+    out = run("ram", [[0.5, 0.0], [4e-6, 0.0]])
+    assert out.tolist() == [0.5, 0.0]
+
+
+def test_shared_change_is_plain_signed_mean_without_lambda():  # 7.2
+    assert run("ram_plus", [[1.0, 0.3], [-1.0, 0.1]]).tolist() == pytest.approx([0.0, 0.2])
+
+
+def test_unchanged_stays_base_even_with_subthreshold_deltas():  # 7.3
+    assert run("ram_plus", [[1e-5, -9e-6], [5e-6, 1e-5]]).tolist() == [0.0, 0.0]
+
+
+def test_single_agent_is_the_agent_with_subthreshold_zeroed():  # 7.4
+    delta = [[0.2, -0.1, 3e-6, 0.0]]
+    for method in ("ram", "ram_plus", "ram_plus_s", "arm_r_v2"):
+        assert run(method, delta).tolist() == pytest.approx([0.2, -0.1, 0.0, 0.0])
+
+
+def test_lambda_uses_counts_only():  # 7.5: 300 shared, 100 unique -> rho = 3
+    hist = [[100, 300], [0, 0]]
+    assert lambdas("ram_plus", hist)[0] == pytest.approx(1.2)
+    assert lambdas("arm_r_v2", hist, r=1.1)[0] == pytest.approx(1.1)
+    assert lambdas("ram_plus_s", hist, r=0.1)[0] == pytest.approx(1.075)  # == arm-r with 1.1
+    assert lambdas("ram_plus", hist, r=0.1, alpha=0.2)[0] == pytest.approx(1.02)  # mergekit
+
+
+def test_paper_toy_vector():  # 7.6
+    deltas = [TOY_A, TOY_B]
+    hist = overlap_histogram(change_mask(torch.tensor(deltas), EPS))
+    assert overlap_ratio(hist).tolist() == [0.5, 1.0]
+    assert run("ram", deltas).tolist() == [2, 1, 1, 2, 0, 0, 0, 0]
+    expected_plus = [2, 1.05, 1.05, 2.2, 0, 0, 0, 0]
+    assert run("ram_plus", deltas).tolist() == pytest.approx(expected_plus)
+    assert run("arm_r_v2", deltas, r=1.1).tolist() == pytest.approx(expected_plus)
+    arm_r = [2, 1 + 0.1 / 3, 1 + 0.1 / 3, 2.1, 0, 0, 0, 0]
+    assert run("ram_plus_s", deltas, r=0.1).tolist() == pytest.approx(arm_r)
+    mergekit = [2, 1.02, 1.02, 2.04, 0, 0, 0, 0]
+    assert run("ram_plus", deltas, r=0.1, alpha=0.2).tolist() == pytest.approx(mergekit)
+
+
+def test_global_and_tensor_scope_counts():  # 7.7
+    a = torch.tensor([[1.0, 1, 1, 0], [0, 0, 0, 1]])
+    b = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]])
+    hist_a, hist_b = (overlap_histogram(change_mask(x, EPS)) for x in (a, b))
+    whole = hist_a + hist_b
+    assert overlap_ratio(whole).tolist() == pytest.approx([1 / 3, 1 / 2])
+    assert run("ram_plus", a, hist=whole).tolist() == pytest.approx([1 + 0.1 / 3] * 3 + [1.05])
+    assert run("ram_plus", a, hist=hist_a).tolist() == [1, 1, 1, 1]  # tensor scope: rho = 0
+    assert run("ram_plus", b, hist=hist_b).tolist() == pytest.approx([1, 1.1, 0, 0])
+
+
+def test_threshold_is_strict_in_float32():  # 7.8
+    eps32 = torch.tensor(1e-5, dtype=torch.float32).item()  # float32(1e-5) < 1e-5
+    assert eps32 < 1e-5
+    assert run("ram", [[eps32, 2e-5]]).tolist() == [0.0, pytest.approx(2e-5)]
+
+
+def test_agent_without_unique_elements_gets_lambda_one():  # 7.9
+    deltas = [[1.0, 1.0, 0.0], [1.0, 1.0, 2.0]]  # agent 0: shared only
+    for method in ("ram_plus", "ram_plus_s", "arm_r_v2"):
+        assert lambdas(method, overlap_histogram(change_mask(torch.tensor(deltas), EPS)))[0] == 1
+    hist = overlap_histogram(change_mask(torch.tensor(deltas), EPS))
+    assert overlap_ratio(hist)[0] == math.inf
+    # agent 1: rho = 2 shared / 1 unique = 2 -> lambda = 1.2
+    assert run("ram_plus", deltas).tolist() == pytest.approx([1.0, 1.0, 2.4])
+
+
+def test_agent_that_changed_nothing():
+    deltas = [[0.0, 0.0], [1.0, 0.0]]
+    hist = overlap_histogram(change_mask(torch.tensor(deltas), EPS))
+    assert overlap_ratio(hist).tolist() == [0.0, 0.0]
+    assert lambdas("ram_plus", hist) == [1.0, 1.0]
+
+
+def test_overlap_histogram_counts_other_agents():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert overlap_histogram(mask).tolist() == [[1, 1, 1], [0, 1, 1], [1, 0, 1]]
+
+
+# --- baselines, by hand ----------------------------------------------------------------------
+
+
+def test_linear_and_task_arithmetic():
+    deltas = [[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]]
+    assert run("linear", deltas).tolist() == [2.0, -1.0, 0.0]
+    assert run("task_arithmetic", deltas, scale=0.5).tolist() == [2.0, -1.0, 0.0]
+
+
+def test_ties_trims_elects_and_averages_by_hand():
+    # keep 0.5 of 4 elements -> top 2 magnitudes per agent
+    deltas = [
+        [0.5, -0.1, 0.3, 0.05],  # trimmed to [0.5, 0, 0.3, 0]
+        [-0.2, -0.4, 0.1, 0.0],  # trimmed to [-0.2, -0.4, 0, 0]
+        [0.3, -0.2, -0.6, 0.01],  # trimmed to [0.3, 0, -0.6, 0]
+    ]
+    # element 0: sum 0.6 > 0 -> + ; mean(0.5, 0.3) = 0.4
+    # element 1: only -0.4 -> -0.4 ; element 2: 0.3 - 0.6 < 0 -> - ; -0.6 ; element 3: nothing
+    out = run("ties", deltas, keep=0.5, scale=1.0)
+    assert out.tolist() == pytest.approx([0.4, -0.4, -0.6, 0.0])
+    assert run("ties", deltas, keep=0.5, scale=0.5).tolist() == pytest.approx([0.2, -0.2, -0.3, 0])
+
+
+def test_disjoint_mean_tie_goes_to_positive():
+    assert disjoint_mean(torch.tensor([[1.0], [-1.0]])).tolist() == [1.0]
+
+
+def test_trim_count_never_drops_a_small_tensor():
+    assert trim_count(4, 0.2) == 1
+    assert trim_count(10, 0.2) == 2
+    assert trim_count(10, 1.0) == 10
+
+
+def test_dare_drop_rescale_by_hand():
+    spec = get_method("dare_linear")
+    deltas = torch.ones(2, 10_000)
+    out = spec.rule(deltas, spec.make_params({"drop": 0.75}), ChunkContext(seeds=(1, 2)))
+    values = set(out.unique().tolist())
+    assert values <= {0.0, 4.0, 8.0}  # each agent's survivors are rescaled by 1 / (1 - 0.75)
+    assert out.mean().item() == pytest.approx(2.0, rel=0.05)  # unbiased in expectation
+    again = spec.rule(deltas, spec.make_params({"drop": 0.75}), ChunkContext(seeds=(1, 2)))
+    assert torch.equal(out, again)
+    assert run("dare_linear", [[1.0, 2.0]], drop=0.0).tolist() == [1.0, 2.0]
+
+
+def test_dare_ties_elects_sign_after_dropping():
+    out = run("dare_ties", [[1.0, -1.0], [3.0, -2.0]], drop=0.0)
+    assert out.tolist() == [2.0, -1.5]
+
+
+def test_kth_largest_matches_kthvalue_across_chunks():
+    values = torch.rand(3, 1001).abs()
+    values[0, :10] = 0.0
+    for k in (1, 7, 500, 1001):
+        got = kth_largest(lambda: [values[:, :333], values[:, 333:]], k)
+        want = [row.kthvalue(1001 - k + 1).values.item() for row in values]
+        assert got == want
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ram_plus", {"r": -0.1}),
+        ("ram_plus", {"alpha": -1}),
+        ("ram", {"epsilon": -1e-5}),
+        ("ram_plus", {"rho_scope": "layer"}),
+        ("ties", {"keep": 1.5}),
+        ("ties", {"keep": -0.1}),
+        ("dare_linear", {"drop": 1.0}),
+        ("dare_ties", {"seed": 1.5}),
+        ("task_arithmetic", {"scale": math.inf}),
+        ("ram", {"r": 0.1}),
+    ],
+)
+def test_bad_parameters_are_refused(method, params):
+    with pytest.raises(InputError, match=method.split("_")[0]):
+        get_method(method).make_params(params)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(InputError, match="ram_plus"):
+        get_method("ram_pluss")
+    assert get_method("ram-plus").name == "ram_plus"
+
+
+# --- hypothesis properties -------------------------------------------------------------------
+
+RAM_FAMILY = ("ram", "ram_plus", "ram_plus_s", "arm_r_v2")
+
+
+@st.composite
+def sparse_deltas(draw, max_agents: int = 4, max_n: int = 40) -> torch.Tensor:
+    """(N, n) deltas mixing zeros, sub-threshold noise, the threshold itself and real changes."""
+    n_agents = draw(st.integers(1, max_agents))
+    n = draw(st.integers(1, max_n))
+    atoms = st.sampled_from([0.0, 0.0, 0.0, 5e-6, -1e-5, 1e-5, 2e-5, 0.5, -0.25, 1.0, -3.0])
+    values = draw(st.lists(atoms, min_size=n_agents * n, max_size=n_agents * n))
+    return torch.tensor(values, dtype=torch.float32).reshape(n_agents, n)
+
+
+@given(sparse_deltas(), st.sampled_from(RAM_FAMILY))
+def test_unchanged_elements_stay_exactly_base(deltas, method):
+    unchanged = ~change_mask(deltas, EPS).any(0)
+    assert (run(method, deltas)[unchanged] == 0).all()
+
+
+@given(sparse_deltas(max_agents=1), st.sampled_from(RAM_FAMILY))
+def test_one_agent_gives_the_agent(deltas, method):
+    expected = torch.where(change_mask(deltas, EPS), deltas, 0)[0]
+    assert torch.equal(run(method, deltas), expected)
+
+
+@given(sparse_deltas(), st.randoms(), st.sampled_from(RAM_FAMILY + ("linear", "ties")))
+def test_agent_order_does_not_matter(deltas, rnd, method):
+    order = list(range(deltas.shape[0]))
+    rnd.shuffle(order)
+    torch.testing.assert_close(run(method, deltas[order]), run(method, deltas), rtol=1e-6, atol=0)
+
+
+@given(sparse_deltas(), sparse_deltas())
+def test_scopes_differ_exactly_where_counts_differ(first, second):
+    n = min(first.shape[0], second.shape[0])
+    first, second = first[:n], second[:n]
+    hist_first = overlap_histogram(change_mask(first, EPS))
+    whole = hist_first + overlap_histogram(change_mask(second, EPS))
+    params = get_method("ram_plus").make_params({})
+    tensor_scope = run("ram_plus", first, hist=hist_first)
+    global_scope = run("ram_plus", first, hist=whole)
+    lam_tensor = get_method("ram_plus").scales(hist_first, params).float()
+    lam_global = get_method("ram_plus").scales(whole, params).float()
+    mask = change_mask(first, EPS)
+    unique = mask & (mask.sum(0) == 1)
+    # an element can differ only if it is unique to an agent whose lambda differs between scopes
+    may_differ = (unique & (lam_tensor != lam_global)[:, None]).any(0)
+    assert torch.equal(tensor_scope[~may_differ], global_scope[~may_differ])
+    changed_by = unique & (first != 0)
+    must_differ = (changed_by & (lam_tensor != lam_global)[:, None]).any(0)
+    assert (tensor_scope[must_differ] != global_scope[must_differ]).all()
