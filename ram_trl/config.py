@@ -1,0 +1,88 @@
+"""``MergeConfig``: one merge as a dataclass, loadable from a YAML recipe (``recipes/merge/``).
+
+A recipe holds the same fields as the ``ram-trl merge`` flags::
+
+    base: runs/demo/base
+    agents: {code: runs/demo/agents/code, tool: runs/demo/agents/tool}
+    method: ram_plus
+    parameters: {r: 0.1, alpha: 2.0, epsilon: 1.0e-5}
+    rho_scope: global
+    out: runs/demo/merged
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ram_trl.errors import InputError
+
+
+@dataclass
+class MergeConfig:
+    base: str
+    agents: dict[str, str]
+    out: str | None = None
+    method: str = "ram_plus"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    rho_scope: str | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    shard_size: str | int = "5GB"
+    overwrite: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MergeConfig:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"recipe {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise InputError(f"recipe {path} is not valid YAML: {error}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a mapping of merge fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        for required in ("base", "agents"):
+            if not data.get(required):
+                raise InputError(f"{source}: the field {required!r} is required")
+        if not isinstance(data["agents"], dict):
+            raise InputError(f"{source}: 'agents' must map agent names to model folders")
+        data = {**data, "agents": {str(k): str(v) for k, v in data["agents"].items()}}
+        return cls(**data)
+
+    def method_params(self) -> dict[str, Any]:
+        """The method's parameters, with ``rho_scope`` folded in where given."""
+        params = dict(self.parameters or {})
+        if self.rho_scope is not None:
+            params["rho_scope"] = self.rho_scope
+        return params
+
+    def run(self, *, dry_run: bool = False, progress: bool = True, command: str | None = None):
+        from ram_trl.engine import merge
+
+        return merge(
+            self.base,
+            self.agents,
+            self.method,
+            self.out,
+            params=self.method_params(),
+            dtype=self.dtype,
+            device=self.device,
+            shard_size=self.shard_size,
+            overwrite=self.overwrite,
+            dry_run=dry_run,
+            progress=progress,
+            command=command,
+        )

@@ -1,0 +1,205 @@
+"""Opening, validating and streaming the inputs of a merge or probe: one base and N agents.
+
+Everything that can be checked from headers is checked before any tensor is read, so a bad input
+fails in seconds with a message naming the file, the tensor and the problem. Tensor data is then
+read in bounded row chunks (``CHUNK_ELEMENTS`` elements per input), widened to float32, and
+turned into task vectors ``tau_t = theta_t - theta_base``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ram_trl.errors import InputError
+
+#: elements per input read at once: 32 MiB of float32, so N agents need a few hundred MiB at most
+CHUNK_ELEMENTS = 1 << 23
+
+_SAFE_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class WeightSource(Protocol):
+    """Anything the engine can read weights from: a model folder or a task-vector snapshot."""
+
+    path: Path
+    tensors: Mapping[str, Any]  # name -> TensorInfo (shape, dtype, file)
+    config: dict | None
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class MergeInputs:
+    """A validated base and its agents, in the order the user gave them."""
+
+    base: WeightSource
+    agents: dict[str, WeightSource]
+    names: list[str]  # tensor names in the base's on-disk order
+
+    @property
+    def agent_names(self) -> list[str]:
+        return list(self.agents)
+
+    def close(self) -> None:
+        for source in (self.base, *self.agents.values()):
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> MergeInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
+    if isinstance(source, (str, os.PathLike)):
+        from ram_trl.io import ModelFolder
+
+        return ModelFolder(source)
+    return source
+
+
+def check_agent_name(name: str) -> str:
+    if not _SAFE_AGENT_NAME.match(name) or name in (".", ".."):
+        raise InputError(
+            f"agent name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(up to 64 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+def open_inputs(
+    base: str | os.PathLike | WeightSource,
+    agents: Mapping[str, str | os.PathLike | WeightSource],
+) -> MergeInputs:
+    """Open the base and the agents and check that they can be merged, reading headers only."""
+    if not agents:
+        raise InputError("no agents to merge: give at least one agent (--agent NAME=PATH)")
+    for name in agents:
+        check_agent_name(name)
+    base_source = open_source(base)
+    inputs = MergeInputs(base_source, {}, list(base_source.tensors))
+    try:
+        for name, agent in agents.items():
+            inputs.agents[name] = source = open_source(agent)
+            _check_architecture(base_source, name, source)
+            _check_tensors(base_source, name, source)
+    except BaseException:
+        inputs.close()
+        raise
+    return inputs
+
+
+def _architecture(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    if not config:
+        return None, ()
+    return config.get("model_type"), tuple(config.get("architectures") or ())
+
+
+def _check_architecture(base: WeightSource, name: str, agent: WeightSource) -> None:
+    base_type, base_arch = _architecture(base.config)
+    agent_type, agent_arch = _architecture(agent.config)
+    if base_type and agent_type and (base_type, base_arch) != (agent_type, agent_arch):
+        raise InputError(
+            f"agent {name!r} ({agent.path / 'config.json'}) is a {agent_type} model "
+            f"{list(agent_arch)}, but the base ({base.path / 'config.json'}) is a {base_type} "
+            f"model {list(base_arch)}: only fine-tunes of the same base can be merged"
+        )
+
+
+def _check_tensors(base: WeightSource, name: str, agent: WeightSource) -> None:
+    missing = [t for t in base.tensors if t not in agent.tensors]
+    extra = [t for t in agent.tensors if t not in base.tensors]
+    where = f"agent {name!r} ({agent.path})"
+    if missing:
+        raise InputError(
+            f"{where} lacks {len(missing)} tensor(s) that the base ({base.path}) has: "
+            f"{_few(missing)}"
+        )
+    if extra:
+        raise InputError(
+            f"{where} has {len(extra)} tensor(s) that the base ({base.path}) lacks: {_few(extra)}"
+        )
+    for tensor, info in base.tensors.items():
+        theirs = agent.tensors[tensor]
+        if tuple(theirs.shape) == tuple(info.shape):
+            continue
+        message = (
+            f"tensor {tensor!r} has shape {tuple(theirs.shape)} in {where}, file "
+            f"{theirs.file}, but {tuple(info.shape)} in the base, file {info.file}"
+        )
+        if _is_vocabulary_resize(tensor, info.shape, theirs.shape):
+            message += (
+                f": the agent's vocabulary was resized ({info.shape[0]} -> {theirs.shape[0]} "
+                "rows); merge agents that keep the base's vocabulary, or resize the base first"
+            )
+        raise InputError(message)
+
+
+def _is_vocabulary_resize(tensor: str, base_shape: tuple, agent_shape: tuple) -> bool:
+    same_rest = tuple(base_shape[1:]) == tuple(agent_shape[1:]) and len(base_shape) >= 1
+    return same_rest and any(key in tensor for key in ("embed", "lm_head", "wte", "output"))
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def row_chunks(shape: tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` along dim 0 holding at most ``chunk_elements`` each (at least
+    one row). 0-dim tensors are one chunk."""
+    if len(shape) == 0:
+        return [(0, 1)]
+    rows = shape[0]
+    row_size = max(1, int(torch.Size(shape[1:]).numel()))
+    step = max(1, chunk_elements // row_size)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+def is_float_tensor(info: Any) -> bool:
+    return info.dtype.is_floating_point
+
+
+def read_rows(source: WeightSource, name: str, start: int, stop: int) -> torch.Tensor:
+    shape = source.tensors[name].shape
+    return source.read(name) if len(shape) == 0 else source.read(name, start, stop)
+
+
+def read_deltas(
+    inputs: MergeInputs, name: str, start: int, stop: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[start, stop)`` of one tensor: the base flattened ``(n,)`` and the agents' task
+    vectors ``(N, n)``, all float32 on ``device``. Non-finite agent or base values are refused."""
+    base = _finite(read_rows(inputs.base, name, start, stop), "the base", inputs.base, name)
+    base = base.to(device=device, dtype=torch.float32).reshape(-1)
+    deltas = torch.empty((len(inputs.agents), base.numel()), dtype=torch.float32, device=device)
+    for row, (agent, source) in enumerate(inputs.agents.items()):
+        values = _finite(read_rows(source, name, start, stop), f"agent {agent!r}", source, name)
+        torch.sub(values.to(device=device, dtype=torch.float32).reshape(-1), base, out=deltas[row])
+    return base, deltas
+
+
+def _finite(values: torch.Tensor, who: str, source: WeightSource, name: str) -> torch.Tensor:
+    if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        file = getattr(source.tensors[name], "file", source.path)
+        raise InputError(f"{who} has {bad} NaN/Inf value(s) in tensor {name!r} (file {file})")
+    return values
+
+
+def iter_chunks(
+    inputs: MergeInputs, name: str, device: torch.device | str = "cpu"
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, stop, base, deltas)`` for every row chunk of a tensor, in order."""
+    for start, stop in row_chunks(tuple(inputs.base.tensors[name].shape)):
+        yield (start, stop, *read_deltas(inputs, name, start, stop, device))
