@@ -25,7 +25,7 @@ def reproduce_command(report: MergeReport) -> str:
     return shlex.join(words)
 
 
-def render_model_card(report: MergeReport, command: str | None = None) -> str:
+def render_model_card(report: MergeReport) -> str:
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "none"
     rows = "\n".join(
         f"| {a.name} | `{a.path}` | {_pct(a.changed, a.total)} | {_pct(a.unique, a.changed)} | "
@@ -62,7 +62,7 @@ lambda_t in RAM+), and elements several agents changed get the mean of their del
 ## Reproduce
 
 ```bash
-{command or reproduce_command(report)}
+{reproduce_command(report)}
 ```
 
 The machine-readable record of this merge is `ram_trl_merge.json`.

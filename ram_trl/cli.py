@@ -7,7 +7,6 @@ start-up does not eat into merge time.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -98,7 +97,9 @@ def parse_agents(specs: Sequence[str]) -> dict[str, str]:
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name, *_ in PARAM_FLAGS if getattr(args, name) is not None}
+    return {
+        name: getattr(args, name) for name, *_ in PARAM_FLAGS if getattr(args, name) is not None
+    }
 
 
 def _config(args: argparse.Namespace):
@@ -127,8 +128,7 @@ def _config(args: argparse.Namespace):
 
 def run_merge(args: argparse.Namespace) -> int:
     config = _config(args)
-    command = shlex.join(["ram-trl", *sys.argv[1:]]) if args.recipe is None else None
-    report = config.run(dry_run=args.dry_run, progress=not args.quiet, command=command)
+    report = config.run(dry_run=args.dry_run, progress=not args.quiet)
     _print_agents(report)
     if args.dry_run:
         print(f"dry run: {len(report.agents)} agent(s) and the base are valid; nothing written")

@@ -49,7 +49,9 @@ class MergeConfig:
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:
         if not isinstance(data, dict):
-            raise InputError(f"{source}: expected a mapping of merge fields, got {type(data).__name__}")
+            raise InputError(
+                f"{source}: expected a mapping of merge fields, got {type(data).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -69,7 +71,7 @@ class MergeConfig:
             params["rho_scope"] = self.rho_scope
         return params
 
-    def run(self, *, dry_run: bool = False, progress: bool = True, command: str | None = None):
+    def run(self, *, dry_run: bool = False, progress: bool = True):
         from ram_trl.engine import merge
 
         return merge(
@@ -84,5 +86,4 @@ class MergeConfig:
             overwrite=self.overwrite,
             dry_run=dry_run,
             progress=progress,
-            command=command,
         )

@@ -85,7 +85,7 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for agent, stats in zip(data["agents"], self.agents):
+        for agent, stats in zip(data["agents"], self.agents, strict=True):
             agent["changed_fraction"] = stats.changed_fraction
         return data
 
@@ -118,7 +118,6 @@ def merge(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
-    command: str | None = None,
 ) -> MergeReport:
     """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
 
@@ -167,7 +166,7 @@ def merge(
             report.files = _merge_into(
                 tmp, inputs, spec, params, histograms, out_dtype, device, max_shard_bytes, progress
             )
-            _write_metadata(tmp, inputs, report, command)
+            _write_metadata(tmp, inputs, report)
             report.seconds["merge_pass"] = time.perf_counter() - merging
             report.seconds["total"] = time.perf_counter() - started
             (tmp / "ram_trl_merge.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -252,7 +251,9 @@ def _merge_into(
     for name, info in base_tensors.items():
         if not is_float_tensor(info):
             dtypes[name] = info.dtype  # integer buffers are copied from the base as they are
-    specs = [TensorSpec(name, tuple(base_tensors[name].shape), dtypes[name]) for name in inputs.names]
+    specs = [
+        TensorSpec(name, tuple(base_tensors[name].shape), dtypes[name]) for name in inputs.names
+    ]
     scales = _scales(inputs, spec, params, histograms)
     with (
         ShardedWriter(directory, specs, max_shard_bytes=max_shard_bytes) as writer,
@@ -289,7 +290,9 @@ def _scales(inputs, spec: MergeMethod, params: Any, histograms):
     if getattr(params, "rho_scope", "global") == "tensor":
         per_tensor = {name: spec.scales(h, params).float() for name, h in histograms.items()}
         return per_tensor.__getitem__
-    whole_model = spec.scales(sum(histograms.values(), torch.zeros((n, n), dtype=torch.int64)), params)
+    whole_model = spec.scales(
+        sum(histograms.values(), torch.zeros((n, n), dtype=torch.int64)), params
+    )
     whole_model = whole_model.float()
     return lambda name: whole_model
 
@@ -324,12 +327,12 @@ def _float_elements(inputs: MergeInputs) -> int:
     return sum(i.numel for i in inputs.base.tensors.values() if is_float_tensor(i))
 
 
-def _write_metadata(directory: Path, inputs: MergeInputs, report: MergeReport, command) -> None:
+def _write_metadata(directory: Path, inputs: MergeInputs, report: MergeReport) -> None:
     from ram_trl.card import render_model_card
     from ram_trl.io import copy_model_files
 
     copy_model_files(inputs.base.path, directory)
-    (directory / "README.md").write_text(render_model_card(report, command))
+    (directory / "README.md").write_text(render_model_card(report))
 
 
 class _NoBar:

@@ -155,9 +155,10 @@ def _few(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def row_chunks(shape: tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` along dim 0 holding at most ``chunk_elements`` each (at least
-    one row). 0-dim tensors are one chunk."""
+def row_chunks(shape: tuple[int, ...], chunk_elements: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` along dim 0 holding at most ``chunk_elements`` (default
+    ``CHUNK_ELEMENTS``) each, and at least one row. 0-dim tensors are one chunk."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     if len(shape) == 0:
         return [(0, 1)]
     rows = shape[0]

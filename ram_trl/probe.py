@@ -62,7 +62,7 @@ class Breakdown:
         self.elements += elements
         for t, row in enumerate(hist.tolist()):
             self.changed[t] += sum(row)
-            self.overlap[t] = [a + b for a, b in zip(self.overlap[t], row)]
+            self.overlap[t] = [a + b for a, b in zip(self.overlap[t], row, strict=True)]
 
 
 @dataclass
@@ -76,7 +76,7 @@ class ProbeReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for agent, stats in zip(data["agents"], self.agents):
+        for agent, stats in zip(data["agents"], self.agents, strict=True):
             agent["changed_fraction"] = stats.changed_fraction
             agent["overlap_share"] = _shares(stats.overlap)
         return data
@@ -154,7 +154,9 @@ def format_table(report: ProbeReport) -> str:
             for key, g in groups.items()
         ]
         lines += ["", _render(head, rows)]
-    lines.append("\noverlap k = share of an agent's changed elements that k other agents changed too")
+    lines.append(
+        "\noverlap k = share of an agent's changed elements that k other agents changed too"
+    )
     return "\n".join(lines)
 
 
@@ -162,7 +164,7 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -184,7 +186,7 @@ def save_plot(report: ProbeReport, path: str | Path) -> bool:
     for k in range(n):
         shares = [100 * _shares(a.overlap)[k] if a.overlap else 0.0 for a in report.agents]
         left.barh(names, shares, left=starts, label=f"{k} other(s)")
-        starts = [s + v for s, v in zip(starts, shares)]
+        starts = [s + v for s, v in zip(starts, shares, strict=True)]
     left.set_xlabel("% of the agent's changed elements")
     left.set_title("overlap with other agents")
     left.legend(fontsize=8)

@@ -90,10 +90,14 @@ def get_method(name: str) -> MergeMethod:
 
 def check_range(method: str, name: str, value: float, lo: float, hi: float, *, hi_open=False):
     """Raise an InputError unless ``lo <= value <= hi`` (or ``< hi`` when ``hi_open``)."""
-    ok = isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    ok = (
+        isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    )
     if not ok:
         upper = f"< {hi}" if hi_open else f"<= {hi}"
-        raise InputError(f"{method}: parameter {name}={value!r} is out of range ({lo} <= {name} {upper})")
+        raise InputError(
+            f"{method}: parameter {name}={value!r} is out of range ({lo} <= {name} {upper})"
+        )
 
 
 def epsilon_field() -> Any:

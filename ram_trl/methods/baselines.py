@@ -50,11 +50,15 @@ def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> list[fl
     for values in chunks():
         bits = _bits(values)
         low = _histograms(
-            [row[(row >> 16) == bucket] & 0xFFFF for row, (bucket, _) in zip(bits, picks)], low
+            [
+                row[(row >> 16) == bucket] & 0xFFFF
+                for row, (bucket, _) in zip(bits, picks, strict=True)
+            ],
+            low,
         )
     assert low is not None
     result = []
-    for row, (bucket, rank) in zip(low, picks):
+    for row, (bucket, rank) in zip(low, picks, strict=True):
         rest, _ = _select_from_top(row, rank)
         word = torch.tensor([bucket << 16 | rest], dtype=torch.int32)
         result.append(word.view(torch.float32).item())
