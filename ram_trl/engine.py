@@ -166,7 +166,7 @@ def merge(
             report.files = _merge_into(
                 tmp, inputs, spec, params, histograms, out_dtype, device, max_shard_bytes, progress
             )
-            _write_metadata(tmp, inputs, report)
+            _write_metadata(tmp, inputs, report, out_dtype)
             report.seconds["merge_pass"] = time.perf_counter() - merging
             report.seconds["total"] = time.perf_counter() - started
             (tmp / "ram_trl_merge.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -327,11 +327,19 @@ def _float_elements(inputs: MergeInputs) -> int:
     return sum(i.numel for i in inputs.base.tensors.values() if is_float_tensor(i))
 
 
-def _write_metadata(directory: Path, inputs: MergeInputs, report: MergeReport) -> None:
+def _write_metadata(
+    directory: Path, inputs: MergeInputs, report: MergeReport, out_dtype: torch.dtype | None
+) -> None:
     from ram_trl.card import render_model_card
     from ram_trl.io import copy_model_files
 
     copy_model_files(inputs.base.path, directory)
+    config = directory / "config.json"
+    if out_dtype is not None and config.is_file():  # say the dtype the weights now have
+        data = json.loads(config.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+        data.update(dict.fromkeys(keys, str(out_dtype).removeprefix("torch.")))
+        config.write_text(json.dumps(data, indent=2) + "\n")
     (directory / "README.md").write_text(render_model_card(report))
 
 

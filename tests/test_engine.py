@@ -131,6 +131,8 @@ def test_output_is_a_loadable_model_with_metadata(tiny_base_factory, tiny_agents
     card = (out / "README.md").read_text()
     assert "ram-trl merge" in card and "lambda" in card and "code" in card
     assert all(v.dtype == torch.bfloat16 for v in load_all(out).values())
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
