@@ -191,10 +191,32 @@ def _print_agents(report) -> None:
         )
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks in the heap instead of returning them to the kernel.
+
+    A merge allocates and frees the same few chunk-sized float32 buffers thousands of times;
+    by default glibc unmaps each one and the next is page-faulted in afresh (about 20 ms per
+    32 MiB on a small VM). Reusing them makes merging 2-3x faster, and peak memory stays that of
+    the few live chunks. Process-wide, so only the ``ram-trl`` command does it, never the library
+    inside a user's process. Returns False where glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 1 << 30) == 1
+    return mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ram_trl.errors import RAMError
 
     args = build_parser().parse_args(argv)
+    if argv is None:  # the ram-trl process itself, not a caller's
+        keep_freed_memory()
     try:
         return args.func(args)
     except RAMError as error:

@@ -19,8 +19,8 @@ import torch
 
 from ram_trl.errors import InputError
 
-#: elements per input read at once: 32 MiB of float32, so N agents need a few hundred MiB at most
-CHUNK_ELEMENTS = 1 << 23
+#: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
+CHUNK_ELEMENTS = 1 << 22
 
 _SAFE_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -181,21 +181,28 @@ def read_deltas(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[start, stop)`` of one tensor: the base flattened ``(n,)`` and the agents' task
     vectors ``(N, n)``, all float32 on ``device``. Non-finite agent or base values are refused."""
-    base = _finite(read_rows(inputs.base, name, start, stop), "the base", inputs.base, name)
-    base = base.to(device=device, dtype=torch.float32).reshape(-1)
+    base = read_rows(inputs.base, name, start, stop).to(device=device, dtype=torch.float32)
+    base = base.reshape(-1)
     deltas = torch.empty((len(inputs.agents), base.numel()), dtype=torch.float32, device=device)
-    for row, (agent, source) in enumerate(inputs.agents.items()):
-        values = _finite(read_rows(source, name, start, stop), f"agent {agent!r}", source, name)
-        torch.sub(values.to(device=device, dtype=torch.float32).reshape(-1), base, out=deltas[row])
+    for row, source in enumerate(inputs.agents.values()):
+        values = read_rows(source, name, start, stop).to(device=device).reshape(-1)
+        torch.sub(values, base, out=deltas[row])  # widens on the fly, no float32 copy
+    # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
+    # makes the sum non-finite (finite weights cannot overflow it), and only then do we look closer.
+    if not torch.isfinite(base.sum() + deltas.sum()):
+        _report_non_finite(inputs, name, start, stop)
     return base, deltas
 
 
-def _finite(values: torch.Tensor, who: str, source: WeightSource, name: str) -> torch.Tensor:
-    if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
+def _report_non_finite(inputs: MergeInputs, name: str, start: int, stop: int) -> None:
+    sources = {"the base": inputs.base, **{f"agent {a!r}": s for a, s in inputs.agents.items()}}
+    for who, source in sources.items():
+        values = read_rows(source, name, start, stop)
         bad = int((~torch.isfinite(values)).sum())
-        file = getattr(source.tensors[name], "file", source.path)
-        raise InputError(f"{who} has {bad} NaN/Inf value(s) in tensor {name!r} (file {file})")
-    return values
+        if bad:
+            file = getattr(source.tensors[name], "file", source.path)
+            raise InputError(f"{who} has {bad} NaN/Inf value(s) in tensor {name!r} (file {file})")
+    raise InputError(f"tensor {name!r}: values too large to merge in float32 (rows {start}-{stop})")
 
 
 def iter_chunks(

@@ -34,12 +34,13 @@ def overlap_histogram(mask: torch.Tensor) -> torch.Tensor:
     chunks and tensors add up, so one pass over the model gives both scopes and the probe.
     """
     n_agents = mask.shape[0]
-    count = mask.sum(0, dtype=torch.uint8 if n_agents < 255 else torch.int32)
-    rows = []
-    for t in range(n_agents):
-        keyed = count[mask[t]]  # 1..N for the elements agent t changed
-        rows.append(torch.bincount(keyed, minlength=n_agents + 1)[1:])
-    return torch.stack(rows).to(torch.int64)
+    count = _count(mask)
+    return torch.stack([(mask & (count == k)).sum(1) for k in range(1, n_agents + 1)], 1)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """How many agents changed each element (a small integer type: it is computed per chunk)."""
+    return mask.sum(0, dtype=torch.uint8 if mask.shape[0] < 255 else torch.int32)
 
 
 def shared_unique(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +88,12 @@ def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torc
     ``ctx.scales`` holds lambda_t (absent for plain RAM, where lambda = 1).
     """
     mask = change_mask(deltas, params.epsilon)
-    kept = deltas * mask
-    count = mask.sum(0)
+    kept = torch.where(mask, deltas, 0.0)
+    count = _count(mask)
     total = kept.sum(0)
-    unique = total if ctx.scales is None else (kept * ctx.scales[:, None]).sum(0)
-    return torch.where(count >= 2, total / count.clamp(min=1), unique)
+    # Only one agent is nonzero where count == 1, so a weighted sum picks lambda_t * tau_t.
+    unique = total if ctx.scales is None else ctx.scales.to(kept) @ kept
+    return torch.where(count >= 2, total / count, unique)
 
 
 def _check_epsilon(method: str, epsilon: float) -> None:
