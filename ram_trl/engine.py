@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,8 +267,8 @@ def _merge_into(
                     writer.write(name, read_rows(inputs.base, name, start, stop))
                 bar.update(info.nbytes)
                 continue
-            thresholds = _trim_thresholds(inputs, name, params, device) if spec.trims else None
-            for start, stop, base, deltas in iter_chunks(inputs, name, device):
+            pieces, thresholds = _pieces(inputs, name, device, params.keep if spec.trims else None)
+            for start, stop, base, deltas in pieces:
                 ctx = ChunkContext(
                     scales=scales(name),
                     thresholds=thresholds,
@@ -297,19 +297,23 @@ def _scales(inputs, spec: MergeMethod, params: Any, histograms):
     return lambda name: whole_model
 
 
-def _trim_thresholds(
-    inputs: MergeInputs, name: str, params: Any, device: torch.device
-) -> torch.Tensor:
-    """TIES: per agent, the magnitude of its k-th largest delta in this tensor."""
-    info = inputs.base.tensors[name]
-    chunks = row_chunks(tuple(info.shape))
-    if len(chunks) == 1:  # small tensor: one read, kept for the sweeps
-        cached = [read_deltas(inputs, name, *chunks[0], device)[1].abs()]
-        sweep = lambda: cached  # noqa: E731
+def _pieces(
+    inputs: MergeInputs, name: str, device: torch.device, keep: float | None
+) -> tuple[Iterable[tuple[int, int, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """A tensor's ``(start, stop, base, deltas)`` chunks and, when ``keep`` is given, its TIES trim
+    thresholds (per agent, the k-th largest |delta|). A tensor that fits in one chunk is read once
+    for both; a larger one is swept twice more to find its thresholds in bounded memory."""
+    chunks = row_chunks(tuple(inputs.base.tensors[name].shape))
+    if len(chunks) == 1:
+        pieces: Iterable = [(*chunks[0], *read_deltas(inputs, name, *chunks[0], device))]
+        sweep: Callable[[], Iterable[torch.Tensor]] = lambda: [pieces[0][3].abs()]  # noqa: E731
     else:
+        pieces = iter_chunks(inputs, name, device)
         sweep = lambda: (d.abs() for *_, d in iter_chunks(inputs, name, device))  # noqa: E731
-    k = trim_count(info.numel, params.keep)
-    return torch.tensor(kth_largest(sweep, k), dtype=torch.float32, device=device)
+    if keep is None:
+        return pieces, None
+    k = trim_count(inputs.base.tensors[name].numel, keep)
+    return pieces, torch.tensor(kth_largest(sweep, k), dtype=torch.float32, device=device)
 
 
 def _seeds(params: Any, inputs: MergeInputs, name: str, start: int) -> tuple[int, ...]:

@@ -268,3 +268,9 @@ def test_scopes_differ_exactly_where_counts_differ(first, second):
     changed_by = unique & (first != 0)
     must_differ = (changed_by & (lam_tensor != lam_global)[:, None]).any(0)
     assert (tensor_scope[must_differ] != global_scope[must_differ]).all()
+
+
+def test_kth_largest_single_chunk_equals_radix_path():
+    values = torch.rand(2, 500)
+    for k in (0, 1, 250, 500):
+        assert kth_largest(lambda: [values], k) == kth_largest(lambda: iter([values]), k)

@@ -14,7 +14,7 @@ None of them uses RAM's change mask: that is the point of the comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +35,14 @@ def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> list[fl
     """Per row, the exact k-th largest of non-negative float32 values streamed in chunks.
 
     ``chunks`` yields ``(R, n)`` tensors (one row per agent) and is called once per sweep; it
-    must yield the same values each time. Non-negative IEEE-754 floats sort like their bit
-    patterns, so a radix select over two 16-bit histograms finds the exact value while holding
-    one chunk at a time: TIES trimming of a tensor of any size, with the same result as
-    ``torch.kthvalue`` over all of it.
+    must yield the same values each time. A one-element list is selected in memory. Otherwise,
+    since non-negative IEEE-754 floats sort like their bit patterns, a radix select over two
+    16-bit histograms finds the exact value while holding one chunk at a time: TIES trimming of a
+    tensor of any size, with the same result as ``torch.kthvalue`` over all of it.
     """
+    first = chunks()
+    if isinstance(first, Sequence) and len(first) == 1:  # one chunk in memory: no sweeps
+        return _kth_largest_in_memory(first[0], k)
     high: torch.Tensor | None = None
     for values in chunks():
         high = _histograms(_bits(values) >> 16, high)
@@ -63,6 +66,14 @@ def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> list[fl
         word = torch.tensor([bucket << 16 | rest], dtype=torch.int32)
         result.append(word.view(torch.float32).item())
     return result
+
+
+def _kth_largest_in_memory(values: torch.Tensor, k: int) -> list[float]:
+    rows = values.reshape(values.shape[0], -1)
+    if k <= 0:
+        return [math.inf] * rows.shape[0]
+    k = min(k, rows.shape[1])
+    return rows.kthvalue(rows.shape[1] - k + 1, dim=1).values.tolist()
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
