@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ram_trl.errors import InputError
+from ram_trl.errors import InputError, OutputExistsError
 from ram_trl.inputs import (
     MergeInputs,
     WeightSource,
@@ -137,7 +137,9 @@ def merge(
     if out is None and not dry_run:
         raise InputError("no output folder given (--out DIR)")
     if out is not None and not dry_run and Path(out).exists() and not overwrite:
-        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(
+            f"output folder {out} already exists; pass --overwrite to replace it"
+        )
 
     started = time.perf_counter()
     with open_inputs(base, agents) as inputs:

@@ -13,3 +13,8 @@ class RAMError(Exception):
 
 class InputError(RAMError, ValueError):
     """An input model, snapshot, recipe or parameter is invalid. Nothing has been written."""
+
+
+class OutputExistsError(InputError, FileExistsError):
+    """The output folder exists (or another process published it first) and overwriting was not
+    asked for. Concurrent writers catch this to choose another name."""

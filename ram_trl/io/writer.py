@@ -7,6 +7,7 @@ large the model. The output folder appears (by rename) only once it is complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from ram_trl.errors import InputError
+from ram_trl.errors import InputError, OutputExistsError
 from ram_trl.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME
 
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
@@ -265,7 +266,7 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     """
     final = Path(final)
     if (final.exists() or final.is_symlink()) and not overwrite:
-        raise InputError(f"{final} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{final} exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = final.parent / f".{final.name}.tmp-{tag}"
@@ -275,9 +276,9 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         for path in [*tmp.rglob("*"), tmp]:  # all of it is on disk before it is published
             if path.is_file() or path.is_dir():
                 _fsync(path)
-        if final.exists() or final.is_symlink():
-            if not overwrite:
-                raise InputError(f"{final} appeared while writing; pass --overwrite to replace it")
+        if not overwrite:
+            _publish_new(tmp, final)
+        elif final.exists() or final.is_symlink():
             old = final.parent / f".{final.name}.old-{tag}"
             os.replace(final, old)
             try:
@@ -293,6 +294,21 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _publish_new(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` unless something is there: ``rename(2)`` refuses a non-empty
+    target, which settles a race between two writers; an empty one we must refuse ourselves."""
+    message = f"{final} appeared while writing; pass --overwrite to replace it"
+    if final.exists() or final.is_symlink():
+        raise OutputExistsError(message)
+    try:
+        os.rename(tmp, final)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise OutputExistsError(message) from None
+        raise
+    _fsync(final.parent)
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:
