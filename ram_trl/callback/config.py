@@ -1,0 +1,195 @@
+"""``RAMConfig`` and ``EvalTask``: what :class:`~ram_trl.callback.RAMCallback` does, and when.
+
+Everything is validated when the config is built (unknown merge method, bad parameters, bad
+agent name, bad cadence), so a typo fails before training starts, not at step 500. A config loads
+from YAML (``RAMConfig.from_yaml``); there, reward functions are given as ``"module:function"``
+import paths, since a YAML file cannot hold a Python callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ram_trl.errors import InputError
+
+#: a GRPO reward function: ``f(prompts, completions, **kwargs) -> list[float | None]``
+RewardFunc = Callable[..., Sequence[float | None]]
+
+
+def _import(path: str) -> Any:
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise InputError(f"reward function {path!r} must be an import path 'module:function'")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot import reward function {path!r}: {e}") from None
+    return obj
+
+
+@dataclass
+class EvalTask:
+    """Prompts plus the reward functions that score completions of them (the same callables a
+    ``GRPOTrainer`` takes). ``columns`` are extra per-prompt keyword arguments for the reward
+    functions, like the dataset columns GRPO passes (e.g. ``{"answer": [...]}``)."""
+
+    name: str
+    prompts: list[Any]
+    reward_funcs: list[RewardFunc] | RewardFunc
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise InputError(f"eval task name {self.name!r} must be a non-empty string without '/'")
+        funcs = self.reward_funcs
+        funcs = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
+        self.reward_funcs = [_import(f) if isinstance(f, str) else f for f in funcs]
+        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
+            raise InputError(f"eval task {self.name!r}: reward_funcs must be callables")
+        self.prompts = list(self.prompts)
+        if not self.prompts:
+            raise InputError(f"eval task {self.name!r} has no prompts")
+        for key, values in self.columns.items():
+            if len(values) != len(self.prompts):
+                raise InputError(
+                    f"eval task {self.name!r}: column {key!r} has {len(values)} values for "
+                    f"{len(self.prompts)} prompts"
+                )
+
+
+@dataclass
+class RAMConfig:
+    """Configuration of :class:`~ram_trl.callback.RAMCallback`.
+
+    Attributes:
+        store: the snapshot store folder shared by every agent's job (created if missing).
+        agent: this job's agent name (``agents/<agent>/step-<N>/`` in the store).
+        base: the base checkpoint folder (theta_0). ``None``: theta_0 is taken from the model at
+            train begin and written once to ``<store>/base/`` (see ``RAMCallback``).
+        snapshot_steps: ``None``: snapshot at every checkpoint save; ``N``: every N steps.
+        snapshot_on_train_end: also snapshot the final weights if the last step was not.
+        epsilon: ``|tau| > epsilon`` is a change; must not exceed the merge's own epsilon.
+        keep_last: keep only this agent's newest snapshots (``None``: keep all).
+        overwrite: a fresh (not resumed) run may replace this agent's existing snapshots.
+        merge_every: merge after every k-th snapshot (0: never merge).
+        min_agents: merge only when the store holds at least this many agents.
+        merge_method, merge_params, merge_dtype: as ``ram_trl.merge``'s method/params/dtype.
+        merged_name: name of the merged model under ``<store>/merged/`` (``{step}``, ``{agent}``).
+        merge_background: merge in a subprocess so that training is not paused by the merge.
+        merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
+            ``lora_rank``, re-factorized by truncated SVD).
+        eval_tasks: evaluate the merged model (and the agent, and optionally the base) on these.
+        eval_base, eval_agent: also evaluate the base / the current agent on the same prompts.
+        eval_batch_size, eval_max_new_tokens, eval_do_sample, eval_temperature, eval_top_p,
+        eval_seed: generation settings (sampling is seeded and never disturbs training's RNG).
+        eval_device: ``"cpu"`` or ``"train"`` (the training device) for the loaded models.
+    """
+
+    store: str
+    agent: str
+    base: str | None = None
+    snapshot_steps: int | None = None
+    snapshot_on_train_end: bool = True
+    epsilon: float = 1e-5
+    keep_last: int | None = None
+    overwrite: bool = False
+    merge_every: int = 1
+    min_agents: int = 2
+    merge_method: str = "ram_plus"
+    merge_params: dict[str, Any] = field(default_factory=dict)
+    merge_dtype: str | None = None
+    merged_name: str = "step-{step}"
+    merge_background: bool = False
+    merge_output: str = "model"
+    lora_rank: int = 16
+    eval_tasks: list[EvalTask] = field(default_factory=list)
+    eval_base: bool = False
+    eval_agent: bool = True
+    eval_batch_size: int = 8
+    eval_max_new_tokens: int = 64
+    eval_do_sample: bool = False
+    eval_temperature: float = 1.0
+    eval_top_p: float = 1.0
+    eval_seed: int = 0
+    eval_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from ram_trl.inputs import check_agent_name
+        from ram_trl.methods import get_method
+
+        self.store, self.agent = str(self.store), check_agent_name(str(self.agent))
+        self.base = None if self.base is None else str(self.base)
+        self.eval_tasks = [t if isinstance(t, EvalTask) else EvalTask(**t) for t in self.eval_tasks]
+        names = [t.name for t in self.eval_tasks]
+        if len(set(names)) != len(names):
+            raise InputError(f"eval task names must be unique, got {names}")
+        params = get_method(self.merge_method).make_params(self.merge_params)  # validates
+        merge_epsilon = getattr(params, "epsilon", math.inf)
+        if not (isinstance(self.epsilon, (int, float)) and 0 <= self.epsilon <= merge_epsilon):
+            raise InputError(
+                f"epsilon={self.epsilon!r} must be >= 0 and <= the merge's epsilon "
+                f"({merge_epsilon}): a snapshot drops changes below its epsilon"
+            )
+        for name, low in (("snapshot_steps", 1), ("keep_last", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
+        for name, low in (("merge_every", 0), ("min_agents", 1), ("lora_rank", 1)):
+            value, ok = getattr(self, name), isinstance(getattr(self, name), int)
+            if not ok or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("eval_batch_size", "eval_max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a positive integer")
+        if self.merge_output not in ("model", "lora"):
+            raise InputError(f"merge_output must be 'model' or 'lora', got {self.merge_output!r}")
+        if self.eval_device not in ("cpu", "train"):
+            raise InputError(f"eval_device must be 'cpu' or 'train', got {self.eval_device!r}")
+        try:
+            self.merged_name.format(step=0, agent=self.agent)
+        except (KeyError, IndexError, ValueError) as e:
+            message = f"merged_name {self.merged_name!r} may use only {{step}} and {{agent}}: {e}"
+            raise InputError(message) from None
+
+    def merged_model_name(self, step: int) -> str:
+        return self.merged_name.format(step=step, agent=self.agent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RAMConfig:
+        if not isinstance(data, Mapping):
+            raise InputError(f"{source}: expected a mapping of RAMConfig fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required field is missing
+            raise InputError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, section: str | None = None) -> RAMConfig:
+        """Load from a YAML file; ``section`` picks a sub-mapping (e.g. ``ram`` of a training
+        recipe that also holds the trainer's arguments)."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"config {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise InputError(f"config {path} is not valid YAML: {e}") from None
+        if section is not None:
+            if not isinstance(data, dict) or section not in data:
+                raise InputError(f"config {path} has no section {section!r}")
+            data = data[section]
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,155 @@
+"""Merges of the newest snapshot of every agent in a store, in process or in a subprocess.
+
+:func:`merge_snapshots` is what the callback runs at a checkpoint, and what
+``python -m ram_trl.callback.merging JOB.json`` runs in the background, so that a long merge does
+not pause training: the subprocess writes the same folder, published atomically, and the
+callback picks up its ``ram_trl_merge.json`` when it has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ram_trl.errors import InputError
+
+REPORT = "ram_trl_merge.json"
+
+
+def latest_snapshots(store: Any) -> dict[str, str]:
+    """Agent -> folder of its newest valid snapshot, for every agent of the store."""
+    refs = {agent: store.latest(agent) for agent in store.agents()}
+    return {agent: str(ref.path) for agent, ref in refs.items() if ref is not None}
+
+
+def merge_snapshots(
+    base: str,
+    snapshots: dict[str, str],
+    out: str,
+    *,
+    method: str,
+    params: dict[str, Any],
+    dtype: str | None = None,
+    output: str = "model",
+    lora_rank: int = 16,
+    fallback_out: str | None = None,
+) -> dict[str, Any]:
+    """Merge ``snapshots`` (agent -> snapshot folder) over ``base`` into ``out`` with
+    ``ram_trl.merge``: a full model folder, or with ``output="lora"`` a LoRA adapter of rank
+    ``lora_rank`` (the merged delta, re-factorized by truncated SVD). Returns the merge report
+    as a dict, with ``lora`` (the reconstruction error report) for a LoRA output.
+
+    Jobs sharing a store can merge at the same step number at the same moment; whoever
+    publishes ``out`` second writes to ``fallback_out`` instead (the report's ``out`` says where).
+    """
+    from ram_trl.errors import OutputExistsError
+
+    options = dict(method=method, params=params, dtype=dtype, output=output, lora_rank=lora_rank)
+    try:
+        return _merge_snapshots(base, snapshots, out, **options)
+    except OutputExistsError:
+        if fallback_out is None:
+            raise
+        return _merge_snapshots(base, snapshots, fallback_out, **options)
+
+
+def _merge_snapshots(
+    base: str,
+    snapshots: dict[str, str],
+    out: str,
+    *,
+    method: str,
+    params: dict[str, Any],
+    dtype: str | None,
+    output: str,
+    lora_rank: int,
+) -> dict[str, Any]:
+    from ram_trl.engine import merge
+    from ram_trl.snapshot import TaskVectorSource
+
+    sources = {agent: TaskVectorSource(path, base) for agent, path in snapshots.items()}
+    if output == "model":
+        report = merge(base, sources, method, out, params=params, dtype=dtype, progress=False)
+        return report.to_dict()
+    scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=Path(out).parent))
+    try:
+        report = merge(base, sources, method, scratch / "model", params=params, progress=False)
+        lora = _to_lora(base, scratch / "model", out, lora_rank)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    data = {**report.to_dict(), "out": out, "lora": lora}
+    (Path(out) / REPORT).write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def _to_lora(base: str, merged: Path, out: str, rank: int) -> dict[str, Any]:
+    import torch
+
+    from ram_trl.io import ModelFolder, copy_model_files
+    from ram_trl.lora import save_lora_adapter
+
+    with ModelFolder(base) as b, ModelFolder(merged) as m:
+        deltas = (
+            (name, m.read(name).to(torch.float32) - b.read(name).to(torch.float32))
+            for name, info in b.tensors.items()
+            if info.dtype.is_floating_point and len(info.shape) == 2
+        )
+        nonzero = ((n, d) for n, d in deltas if bool(d.any()))
+        report = save_lora_adapter(nonzero, out, rank=rank, base_model_name_or_path=str(base))
+    copy_model_files(Path(base), Path(out))  # the tokenizer, for evaluation and users
+    return {k: report[k] for k in ("rank", "error", "max_error", "dropped")}
+
+
+class BackgroundMerge:
+    """One merge running in a subprocess (``python -m ram_trl.callback.merging JOB.json``)."""
+
+    def __init__(self, job: dict[str, Any], step: int):
+        self.job, self.step, self.out = job, step, job["out"]
+        fd, self.job_file = tempfile.mkstemp(
+            prefix=".merge-job-", suffix=".json", dir=Path(self.out).parent
+        )
+        with os.fdopen(fd, "w") as f:
+            json.dump(job, f)
+        self.log = open(f"{self.job_file}.log", "w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ram_trl.callback.merging", self.job_file],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the subprocess; its report, or InputError with its output."""
+        code = self.process.wait()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        for path in (self.job_file, f"{self.job_file}.log"):
+            Path(path).unlink(missing_ok=True)
+        if code != 0:
+            raise InputError(f"background merge into {self.out} failed ({code}):\n{output[-2000:]}")
+        out = output.strip().splitlines()[-1] if output.strip() else self.out  # main() prints it
+        return json.loads((Path(out) / REPORT).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ram_trl.callback.merging JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(args[0]).read_text())
+    report = merge_snapshots(**job)
+    print(report["out"])  # where it went: the fallback when another job took ``out`` first
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

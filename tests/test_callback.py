@@ -1,0 +1,342 @@
+"""RAMCallback inside real TRL / transformers training of a tiny model on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from ram_trl.callback import EvalTask, RAMConfig, attach  # noqa: E402
+from ram_trl.errors import InputError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["1+1=", "2*3=", "say hi:", "abc"]
+
+
+def digits(prompts, completions, **kwargs):
+    return [sum(c.isdigit() for c in t) / 8 for t in completions]
+
+
+def letters(prompts, completions, **kwargs):
+    return [sum(c.isalpha() for c in t) / 8 for t in completions]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from ram_trl.testing import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "base")
+
+
+def grpo(base: Path, out: Path, reward, *, steps: int = 4, peft_config=None, model=None, **kw):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    kw = {"learning_rate": 1e-2, **kw}
+    args = GRPOConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        max_steps=steps,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        report_to=[],
+        logging_steps=1,
+        gradient_checkpointing=False,
+        seed=0,
+        **kw,
+    )
+    return GRPOTrainer(
+        model=model or AutoModelForCausalLM.from_pretrained(base),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=AutoTokenizer.from_pretrained(base),
+        peft_config=peft_config,
+    )
+
+
+def files_equal(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    sa = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
+    sb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def logged(trainer, prefix: str) -> list[dict]:
+    return [h for h in trainer.state.log_history if any(k.startswith(prefix) for k in h)]
+
+
+def test_two_agents_merge_matches_offline_merge(base, tmp_path):
+    from ram_trl import merge
+    from ram_trl.snapshot import SnapshotStore, TaskVectorSource
+
+    store = tmp_path / "store"
+    task = EvalTask("digits", PROMPTS[:2], [digits])
+    for agent, reward in (("digits", digits), ("letters", letters)):
+        trainer = grpo(base, tmp_path / agent, reward)
+        attach(
+            trainer,
+            store=store,
+            agent=agent,
+            merge_params={"r": 0.1, "alpha": 2.0},
+            eval_tasks=[task],
+            eval_base=True,
+            eval_max_new_tokens=8,
+        )
+        trainer.train()
+    s = SnapshotStore(store)
+    assert s.agents() == ["digits", "letters"] and s.steps("letters") == [2, 4]
+    assert sorted(p.name for p in (store / "merged").iterdir()) == ["step-2", "step-4"]
+    sources = {a: TaskVectorSource(s.get(a, 4).path, store / "base") for a in ("digits", "letters")}
+    merge(
+        store / "base",
+        sources,
+        "ram_plus",
+        tmp_path / "offline",
+        params={"r": 0.1, "alpha": 2.0},
+        progress=False,
+    )
+    files_equal(store / "merged" / "step-4", tmp_path / "offline")
+    assert (store / "merged" / "step-4" / "README.md").is_file()  # model card
+    last = logged(trainer, "eval_merged/")[-1]
+    for key in (
+        "ram/changed_fraction",
+        "ram/snapshot_mb",
+        "ram/snapshot_seconds",
+        "ram/merge_seconds",
+        "ram/unique_share",
+        "ram/rho/digits",
+        "ram/lambda/letters",
+        "eval_merged/digits/reward",
+        "eval_agent/digits/reward",
+        "eval_base/digits/reward",
+    ):
+        assert key in last, key
+    assert last["step"] == 4
+    # the first agent had no partner yet: snapshots only
+    assert not any("ram/merge_seconds" in h for h in logged(trainer, "ram/") if h["step"] < 2)
+
+
+def test_lora_snapshot_matches_merge_and_unload(base, tmp_path):
+    from peft import LoraConfig
+
+    from ram_trl.io import ModelFolder
+    from ram_trl.snapshot import SnapshotStore
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = grpo(base, tmp_path / "run", digits, steps=2, peft_config=lora, learning_rate=5e-2)
+    attach(trainer, store=tmp_path / "store", agent="lora", base=str(base))
+    trainer.train()
+    assert not (tmp_path / "store" / "base").exists()  # theta_0 streamed from the given base
+    tv = SnapshotStore(tmp_path / "store").get("lora", 2).load()
+    rebuilt = tv.apply(base)
+    merged = trainer.model.merge_and_unload().state_dict()
+    with ModelFolder(base) as b:
+        changed = 0
+        for name in b.tensors:
+            diff = (rebuilt[name].float() - merged[name].float()).abs().max()
+            assert diff <= 1e-5, name  # sub-epsilon changes are dropped by design
+            changed += int(not torch.equal(b.read(name), rebuilt[name]))
+    assert changed == 2 * 2  # q_proj and v_proj of both layers
+    assert "ram/lora_changed_fraction" in logged(trainer, "ram/")[-1]
+
+
+def test_resume_keeps_theta0(base, tmp_path):
+    from ram_trl.snapshot import SnapshotStore
+
+    store = tmp_path / "store"
+    first = grpo(base, tmp_path / "run", digits, steps=4)
+    attach(first, store=store, agent="a")
+    first.train()
+    fp = SnapshotStore(store).base_fingerprint
+    resumed = grpo(base, tmp_path / "run", digits, steps=6)  # built from the base, as usual
+    attach(resumed, store=store, agent="a")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    s = SnapshotStore(store)
+    assert s.base_fingerprint == fp and s.steps("a") == [2, 4, 6]
+    weights = s.get("a", 6).load().apply(store / "base")  # against theta_0, not checkpoint-4
+    live = resumed.model.state_dict()
+    for name, t in weights.items():
+        assert (t - live[name]).abs().max() <= 1e-5, name
+
+
+def test_background_merge_with_lora_output(base, tmp_path):
+    import json
+
+    store = tmp_path / "store"
+    for agent, reward in (("a", digits), ("b", letters)):
+        trainer = grpo(base, tmp_path / agent, reward, steps=2)
+        attach(
+            trainer,
+            store=store,
+            agent=agent,
+            merge_background=True,
+            merge_output="lora",
+            lora_rank=4,
+            eval_tasks=[EvalTask("t", PROMPTS[:2], digits)],
+            eval_max_new_tokens=4,
+        )
+        trainer.train()
+    out = store / "merged" / "step-2"
+    assert (out / "adapter_config.json").is_file()
+    report = json.loads((out / "ram_trl_merge.json").read_text())
+    assert 0 <= report["lora"]["error"] < 1
+    last = logged(trainer, "eval_merged/")[-1]
+    assert "ram/lora_error" in last and "ram/merge_wait_seconds" in last
+
+
+def test_plain_trainer_and_rloo(base, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from trl import RLOOConfig, RLOOTrainer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    enc = tok(["1+1=2", "2*3=6"] * 4)
+    data = Dataset.from_dict({**enc, "labels": enc["input_ids"]})
+    args = TrainingArguments(
+        str(tmp_path / "sft"),
+        use_cpu=True,
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=1,
+        report_to=[],
+        learning_rate=1e-2,
+    )
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+    )
+    attach(trainer, store=tmp_path / "store", agent="sft", base=str(base))
+    trainer.train()
+    rloo = RLOOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        reward_funcs=letters,
+        args=RLOOConfig(
+            output_dir=str(tmp_path / "rloo"),
+            use_cpu=True,
+            bf16=False,
+            max_steps=2,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            learning_rate=1e-2,
+            report_to=[],
+            gradient_checkpointing=False,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=tok,
+    )
+    attach(rloo, store=tmp_path / "store", agent="rloo", base=str(base))
+    rloo.train()
+    assert sorted(p.name for p in (tmp_path / "store" / "merged").iterdir()) == ["step-2"]
+    assert "ram/rho/sft" in logged(rloo, "ram/")[-1]
+
+
+def test_bad_configuration_fails_at_construction(base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ram_trl.testing import save_tiny_base
+
+    with pytest.raises(InputError, match="unknown merge method"):
+        RAMConfig(store=str(tmp_path), agent="a", merge_method="nope")
+    with pytest.raises(InputError, match="takes no parameter"):
+        RAMConfig(store=str(tmp_path), agent="a", merge_params={"bogus": 1})
+    with pytest.raises(InputError, match="not allowed"):
+        RAMConfig(store=str(tmp_path), agent="../x")
+    trainer = grpo(base, tmp_path / "run", digits)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="cannot use"):
+        attach(trainer, store=tmp_path / "file" / "store", agent="a")
+    store = tmp_path / "store"
+    attach(trainer, store=store, agent="a").on_train_begin(trainer.args, trainer.state, None)
+    other = save_tiny_base(tmp_path / "other", seed=1)
+    stranger = grpo(other, tmp_path / "run2", digits)
+    with pytest.raises(InputError, match="base fingerprint"):
+        attach(stranger, store=store, agent="a")
+    with pytest.raises(InputError, match="fingerprint"):
+        attach(stranger, store=store, agent="b", base=str(other))
+    dora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+    )
+    with pytest.raises(InputError, match="(?i)dora"):
+        attach(grpo(base, tmp_path / "run3", digits, model=dora), store=tmp_path / "s3", agent="d")
+
+
+def test_config_from_yaml(tmp_path):
+    recipe = ROOT / "recipes" / "train" / "grpo_ram.yaml"
+    import __main__
+
+    __main__.digits, __main__.letters = digits, letters  # the recipe names __main__:digits
+    config = RAMConfig.from_yaml(recipe, section="ram")
+    assert config.merge_method == "ram_plus" and config.eval_tasks[0].reward_funcs == [digits]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: s\nagent: a\nmerge_evry: 2\n")
+    with pytest.raises(InputError, match="unknown field"):
+        RAMConfig.from_yaml(bad)
+
+
+@pytest.mark.slow
+def test_two_concurrent_training_processes(tmp_path):
+    """examples/grpo_ram.py twice at once, one store: both publish, merges are valid."""
+    from ram_trl.snapshot import SnapshotStore
+    from ram_trl.testing import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base")  # written before: two writers would race
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "examples/grpo_ram.py",
+                "recipes/train/grpo_ram.yaml",
+                "--agent",
+                agent,
+                "--reward",
+                agent,
+                "--store",
+                str(tmp_path / "store"),
+                "--base-dir",
+                str(base),
+                "--output-dir",
+                str(tmp_path / agent),
+                "--max-steps",
+                "8",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for agent in ("digits", "letters")
+    ]
+    started = time.time()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    store = SnapshotStore(tmp_path / "store")
+    assert store.agents() == ["digits", "letters"]
+    assert all(i.valid for i in store.list())
+    merged = [p for p in (tmp_path / "store" / "merged").iterdir() if not p.name.startswith(".")]
+    assert merged and all((p / "config.json").is_file() for p in merged)
+    print(f"two concurrent jobs: {time.time() - started:.1f} s")
