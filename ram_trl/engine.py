@@ -25,12 +25,13 @@ import torch
 
 from ram_trl.errors import InputError, OutputExistsError
 from ram_trl.inputs import (
+    Chunk,
     MergeInputs,
     WeightSource,
     is_float_tensor,
     iter_chunks,
     open_inputs,
-    read_deltas,
+    read_chunk,
     read_rows,
     row_chunks,
 )
@@ -193,8 +194,8 @@ def count_overlaps(
                 bar.update(info.nbytes)
                 continue
             hist = torch.zeros((len(inputs.agents),) * 2, dtype=torch.int64)
-            for _, _, _, deltas in iter_chunks(inputs, name, device):
-                hist += overlap_histogram(change_mask(deltas, epsilon)).cpu()
+            for chunk in iter_chunks(inputs, name, device):
+                hist += overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
             histograms[name] = hist
             bar.update(info.nbytes)
     return histograms
@@ -269,17 +270,18 @@ def _merge_into(
                     writer.write(name, read_rows(inputs.base, name, start, stop))
                 bar.update(info.nbytes)
                 continue
-            pieces, thresholds = _pieces(inputs, name, device, params.keep if spec.trims else None)
-            for start, stop, base, deltas in pieces:
+            keep = params.keep if spec.trims else None
+            chunks, thresholds = _chunks(inputs, name, device, keep, sparse=not spec.random)
+            for chunk in chunks:
                 ctx = ChunkContext(
                     scales=scales(name),
                     thresholds=thresholds,
-                    seeds=_seeds(params, inputs, name, start) if spec.random else (),
+                    seeds=_seeds(params, inputs, name, chunk.start) if spec.random else (),
                 )
-                merged = spec.rule(deltas, params, ctx)
-                # Where the merged delta is exactly zero the base value is kept bit for bit.
-                rows = torch.where(merged != 0, base + merged, base).to(dtypes[name])
-                writer.write(name, rows.reshape((stop - start, *shape[1:]) if shape else ()).cpu())
+                rows = _apply(chunk, spec.rule(chunk.deltas, params, ctx), dtypes[name])
+                writer.write(
+                    name, rows.reshape((chunk.stop - chunk.start, *shape[1:]) if shape else ())
+                )
             bar.update(info.nbytes)
         return [p.name for p in writer.close()]
 
@@ -299,23 +301,39 @@ def _scales(inputs, spec: MergeMethod, params: Any, histograms):
     return lambda name: whole_model
 
 
-def _pieces(
-    inputs: MergeInputs, name: str, device: torch.device, keep: float | None
-) -> tuple[Iterable[tuple[int, int, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-    """A tensor's ``(start, stop, base, deltas)`` chunks and, when ``keep`` is given, its TIES trim
-    thresholds (per agent, the k-th largest |delta|). A tensor that fits in one chunk is read once
-    for both; a larger one is swept twice more to find its thresholds in bounded memory."""
-    chunks = row_chunks(tuple(inputs.base.tensors[name].shape))
-    if len(chunks) == 1:
-        pieces: Iterable = [(*chunks[0], *read_deltas(inputs, name, *chunks[0], device))]
-        sweep: Callable[[], Iterable[torch.Tensor]] = lambda: [pieces[0][3].abs()]  # noqa: E731
+def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Base + merged delta in the output dtype. Where the merged delta is exactly zero (and
+    outside the chunk's candidates) the base value is kept bit for bit."""
+    values = torch.where(merged != 0, chunk.base32 + merged, chunk.base32).to(dtype).cpu()
+    if chunk.index is None:
+        return values
+    rows = chunk.base.to(dtype, copy=True)
+    rows[chunk.index] = values
+    return rows
+
+
+def _chunks(
+    inputs: MergeInputs, name: str, device: torch.device, keep: float | None, *, sparse: bool
+) -> tuple[Iterable[Chunk], torch.Tensor | None]:
+    """A tensor's chunks and, when ``keep`` is given, its TIES trim thresholds (per agent, the
+    k-th largest |delta|). A tensor that fits in one chunk is read once for both; a larger one
+    is swept twice more to find its thresholds in bounded memory."""
+    spans = row_chunks(tuple(inputs.base.tensors[name].shape))
+    if len(spans) == 1:
+        chunks: Iterable[Chunk] = [read_chunk(inputs, name, *spans[0], device, sparse=sparse)]
+        sweep: Callable[[], Iterable] = lambda: [_magnitudes(chunks[0])]  # noqa: E731
     else:
-        pieces = iter_chunks(inputs, name, device)
-        sweep = lambda: (d.abs() for *_, d in iter_chunks(inputs, name, device))  # noqa: E731
+        chunks = iter_chunks(inputs, name, device, sparse=sparse)
+        sweep = lambda: map(_magnitudes, iter_chunks(inputs, name, device, sparse=sparse))  # noqa: E731
     if keep is None:
-        return pieces, None
+        return chunks, None
     k = trim_count(inputs.base.tensors[name].numel, keep)
-    return pieces, torch.tensor(kth_largest(sweep, k), dtype=torch.float32, device=device)
+    return chunks, torch.tensor(kth_largest(sweep, k), dtype=torch.float32, device=device)
+
+
+def _magnitudes(chunk: Chunk) -> tuple[torch.Tensor, int]:
+    """|deltas| at the chunk's candidates, and how many implicit zeros each row has besides."""
+    return chunk.deltas.abs(), chunk.numel - chunk.deltas.shape[1]
 
 
 def _seeds(params: Any, inputs: MergeInputs, name: str, start: int) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,8 @@ class MergeInputs:
     base: WeightSource
     agents: dict[str, WeightSource]
     names: list[str]  # tensor names in the base's on-disk order
+    #: (tensor, first row) of the chunks already checked for NaN/Inf, so a second pass skips them
+    checked: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def agent_names(self) -> list[str]:
@@ -176,22 +178,99 @@ def read_rows(source: WeightSource, name: str, start: int, stop: int) -> torch.T
     return source.read(name) if len(shape) == 0 else source.read(name, start, stop)
 
 
-def read_deltas(
-    inputs: MergeInputs, name: str, start: int, stop: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[start, stop)`` of one tensor: the base flattened ``(n,)`` and the agents' task
-    vectors ``(N, n)``, all float32 on ``device``. Non-finite agent or base values are refused."""
-    base = read_rows(inputs.base, name, start, stop).to(device=device, dtype=torch.float32)
-    base = base.reshape(-1)
-    deltas = torch.empty((len(inputs.agents), base.numel()), dtype=torch.float32, device=device)
-    for row, source in enumerate(inputs.agents.values()):
-        values = read_rows(source, name, start, stop).to(device=device).reshape(-1)
-        torch.sub(values, base, out=deltas[row])  # widens on the fly, no float32 copy
+#: above this share of candidate elements a chunk is processed densely (gathers cost more)
+SPARSE_LIMIT = 0.25
+_BIT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+
+
+@dataclass
+class Chunk:
+    """Rows ``[start, stop)`` of one tensor: the base as stored, and the agents' task vectors at
+    ``index`` (float32, ``(N, m)``), the only elements where some agent differs from the base.
+
+    Everywhere else every delta is exactly zero, so no rule changes those elements and they are
+    copied from ``base`` bit for bit. ``index`` is None when the chunk is processed densely.
+    """
+
+    start: int
+    stop: int
+    base: torch.Tensor  # (n,) in the stored dtype: a read-only view, never modify in place
+    index: torch.Tensor | None
+    base32: torch.Tensor  # (m,) float32 at ``index``
+    deltas: torch.Tensor  # (N, m) float32 at ``index``
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+
+def read_chunk(
+    inputs: MergeInputs,
+    name: str,
+    start: int,
+    stop: int,
+    device: torch.device | str = "cpu",
+    *,
+    sparse: bool = True,
+) -> Chunk:
+    """Read rows ``[start, stop)`` of a tensor from every input as a :class:`Chunk`.
+
+    RL task vectors are sparse: most stored elements are bit-identical to the base. When every
+    input has the base's dtype, integer views find the elements whose bits differ without
+    widening anything, and only those are turned into float32 deltas; a chunk with more than
+    ``SPARSE_LIMIT`` of them (or ``sparse=False``, for rules that need every position) is
+    processed densely. Either way the deltas are the same float32 numbers, and non-finite base
+    or agent values are refused.
+    """
+    base = read_rows(inputs.base, name, start, stop).reshape(-1)
+    agents = [read_rows(s, name, start, stop).reshape(-1) for s in inputs.agents.values()]
+    index = _candidates(base, agents) if sparse else None
+    if index is not None:
+        base32 = base[index].to(device=device, dtype=torch.float32)
+        agents = [a[index] for a in agents]
+    else:
+        base32 = base.to(device=device, dtype=torch.float32)
+    deltas = torch.empty((len(agents), base32.numel()), dtype=torch.float32, device=device)
+    for row, values in enumerate(agents):
+        torch.sub(values.to(device), base32, out=deltas[row])  # widens on the fly
     # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
     # makes the sum non-finite (finite weights cannot overflow it), and only then do we look closer.
-    if not torch.isfinite(base.sum() + deltas.sum()):
-        _report_non_finite(inputs, name, start, stop)
-    return base, deltas
+    # Outside ``index`` agents equal the base bit for bit, so checking the base covers them.
+    if (name, start) not in inputs.checked:
+        if not torch.isfinite(deltas.sum() + base32.sum()) or (
+            index is not None and not _finite_bits(base)
+        ):
+            _report_non_finite(inputs, name, start, stop)
+        inputs.checked.add((name, start))
+    return Chunk(start, stop, base, index, base32, deltas)
+
+
+def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor | None:
+    """Positions where some agent's stored bits differ from the base's, or None when a dense pass
+    is cheaper (many candidates) or impossible (dtypes differ)."""
+    view = _BIT_VIEWS.get(base.dtype.itemsize)
+    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+        return None
+    if any(a.dtype != base.dtype for a in agents):
+        return None
+    bits = base.view(view)
+    differs = agents[0].view(view) != bits
+    for agent in agents[1:]:
+        differs |= agent.view(view) != bits
+    index = differs.nonzero().squeeze(1)
+    return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
+
+
+def _finite_bits(values: torch.Tensor) -> bool:
+    """No NaN or Inf, from the exponent bits alone (no float conversion of the whole chunk)."""
+    mantissa = _MANTISSA_BITS.get(values.dtype)
+    if mantissa is None:
+        return bool(torch.isfinite(values).all())
+    sign = 1 << (8 * values.dtype.itemsize - 1)
+    exponent = (sign - 1) ^ ((1 << mantissa) - 1)  # all exponent bits set: Inf or NaN
+    bits = values.view(_BIT_VIEWS[values.dtype.itemsize])
+    return not bool(((bits & exponent) == exponent).any())
 
 
 def _report_non_finite(inputs: MergeInputs, name: str, start: int, stop: int) -> None:
@@ -206,8 +285,8 @@ def _report_non_finite(inputs: MergeInputs, name: str, start: int, stop: int) ->
 
 
 def iter_chunks(
-    inputs: MergeInputs, name: str, device: torch.device | str = "cpu"
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """``(start, stop, base, deltas)`` for every row chunk of a tensor, in order."""
+    inputs: MergeInputs, name: str, device: torch.device | str = "cpu", *, sparse: bool = True
+) -> Iterator[Chunk]:
+    """Every row chunk of a tensor, in order (see :func:`read_chunk`)."""
     for start, stop in row_chunks(tuple(inputs.base.tensors[name].shape)):
-        yield (start, stop, *read_deltas(inputs, name, start, stop, device))
+        yield read_chunk(inputs, name, start, stop, device, sparse=sparse)

@@ -74,11 +74,27 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize("chunk", [None, 1000], ids=["whole", "chunked"])
+@pytest.mark.parametrize(
+    ("chunk", "sparse_limit"),
+    [(None, 1.0), (1000, 1.0), (1000, 0.0)],
+    ids=["whole-sparse", "chunked-sparse", "chunked-dense"],
+)
 @pytest.mark.parametrize(("arch", "tie", "dtype", "sharded"), CASES)
 def test_streaming_equals_in_memory_reference(
-    arch, tie, dtype, sharded, chunk, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+    arch,
+    tie,
+    dtype,
+    sharded,
+    chunk,
+    sparse_limit,
+    tiny_base_factory,
+    tiny_agents_factory,
+    tmp_path,
+    monkeypatch,
 ):
+    """Whole tensors or row chunks, only the elements that differ from the base (sparse) or
+    all of them (dense): the same bits as the in-memory reference."""
+    monkeypatch.setattr(inputs_module, "SPARSE_LIMIT", sparse_limit)
     if chunk:
         monkeypatch.setattr(inputs_module, "CHUNK_ELEMENTS", chunk)
     base = tiny_base_factory(arch, tie, dtype, sharded)

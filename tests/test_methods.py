@@ -30,7 +30,7 @@ def run(method: str, deltas, hist=None, **params) -> torch.Tensor:
     thresholds = None
     if spec.trims:
         k = trim_count(deltas.shape[1], p.keep)
-        thresholds = torch.tensor(kth_largest(lambda: [deltas.abs()], k))
+        thresholds = torch.tensor(kth_largest(lambda: [(deltas.abs(), 0)], k))
     seeds = tuple(range(deltas.shape[0])) if spec.random else ()
     return spec.rule(deltas, p, ChunkContext(scales, thresholds, seeds))
 
@@ -181,7 +181,7 @@ def test_kth_largest_matches_kthvalue_across_chunks():
     values = torch.rand(3, 1001).abs()
     values[0, :10] = 0.0
     for k in (1, 7, 500, 1001):
-        got = kth_largest(lambda: [values[:, :333], values[:, 333:]], k)
+        got = kth_largest(lambda: [(values[:, :333], 0), (values[:, 333:], 0)], k)
         want = [row.kthvalue(1001 - k + 1).values.item() for row in values]
         assert got == want
 
@@ -272,5 +272,15 @@ def test_scopes_differ_exactly_where_counts_differ(first, second):
 
 def test_kth_largest_single_chunk_equals_radix_path():
     values = torch.rand(2, 500)
-    for k in (0, 1, 250, 500):
-        assert kth_largest(lambda: [values], k) == kth_largest(lambda: iter([values]), k)
+    pieces = [(values, 200)]
+    for k in (0, 1, 250, 500, 501, 700):
+        assert kth_largest(lambda: pieces, k) == kth_largest(lambda: iter(pieces), k)
+
+
+def test_kth_largest_counts_implicit_zeros():
+    values = torch.tensor([[3.0, 0.5, 2.0], [1.0, 4.0, 0.25]])
+    full = torch.cat([values, torch.zeros(2, 5)], 1)
+    for k in range(1, 9):
+        want = [row.kthvalue(8 - k + 1).values.item() for row in full]
+        assert kth_largest(lambda: [(values[:, :2], 3), (values[:, 2:], 2)], k) == want
+        assert kth_largest(lambda: [(values, 5)], k) == want

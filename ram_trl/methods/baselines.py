@@ -31,34 +31,37 @@ def trim_count(numel: int, keep: float) -> int:
     return min(numel, math.ceil(keep * numel - 1e-9))
 
 
-def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> list[float]:
+def kth_largest(chunks: Callable[[], Iterable[tuple[torch.Tensor, int]]], k: int) -> list[float]:
     """Per row, the exact k-th largest of non-negative float32 values streamed in chunks.
 
-    ``chunks`` yields ``(R, n)`` tensors (one row per agent) and is called once per sweep; it
-    must yield the same values each time. A one-element list is selected in memory. Otherwise,
-    since non-negative IEEE-754 floats sort like their bit patterns, a radix select over two
-    16-bit histograms finds the exact value while holding one chunk at a time: TIES trimming of a
-    tensor of any size, with the same result as ``torch.kthvalue`` over all of it.
+    ``chunks`` yields ``(values, zeros)``: ``(R, m)`` values (one row per agent) plus ``zeros``
+    more implicit zeros per row (the engine only materializes the elements some agent changed).
+    It is called once per sweep and must yield the same each time. A one-element list is
+    selected in memory. Otherwise, since non-negative IEEE-754 floats sort like their bit
+    patterns, a radix select over two 16-bit histograms finds the exact value while holding one
+    chunk at a time: TIES trimming of a tensor of any size, with the same result as
+    ``torch.kthvalue`` over all of it.
     """
     first = chunks()
     if isinstance(first, Sequence) and len(first) == 1:  # one chunk in memory: no sweeps
-        return _kth_largest_in_memory(first[0], k)
+        return _kth_largest_in_memory(*first[0], k)
     high: torch.Tensor | None = None
-    for values in chunks():
-        high = _histograms(_bits(values) >> 16, high)
+    for values, zeros in chunks():
+        high = _histograms(_bits(values) >> 16, high, zeros)
     if k <= 0 or high is None:
         return [math.inf] * (0 if high is None else high.shape[0])
     picks = [_select_from_top(row, k) for row in high]
     low: torch.Tensor | None = None
-    for values in chunks():
+    for values, zeros in chunks():
         bits = _bits(values)
-        low = _histograms(
-            [
-                row[(row >> 16) == bucket] & 0xFFFF
-                for row, (bucket, _) in zip(bits, picks, strict=True)
-            ],
-            low,
-        )
+        rows = [
+            row[(row >> 16) == bucket] & 0xFFFF
+            for row, (bucket, _) in zip(bits, picks, strict=True)
+        ]
+        low = _histograms(rows, low, 0)
+        for r, (bucket, _) in enumerate(picks):
+            if bucket == 0:  # implicit zeros have all-zero bits
+                low[r, 0] += zeros
     assert low is not None
     result = []
     for row, (bucket, rank) in zip(low, picks, strict=True):
@@ -68,11 +71,12 @@ def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> list[fl
     return result
 
 
-def _kth_largest_in_memory(values: torch.Tensor, k: int) -> list[float]:
+def _kth_largest_in_memory(values: torch.Tensor, zeros: int, k: int) -> list[float]:
     rows = values.reshape(values.shape[0], -1)
     if k <= 0:
         return [math.inf] * rows.shape[0]
-    k = min(k, rows.shape[1])
+    if k > rows.shape[1]:  # among the implicit zeros (or past the end)
+        return [0.0] * rows.shape[0]
     return rows.kthvalue(rows.shape[1] - k + 1, dim=1).values.tolist()
 
 
@@ -80,8 +84,11 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
     return values.detach().float().cpu().reshape(values.shape[0], -1).view(torch.int32).long()
 
 
-def _histograms(rows: Iterable[torch.Tensor], into: torch.Tensor | None) -> torch.Tensor:
+def _histograms(
+    rows: Iterable[torch.Tensor], into: torch.Tensor | None, zeros: int
+) -> torch.Tensor:
     counts = torch.stack([torch.bincount(row, minlength=_BUCKETS) for row in rows])
+    counts[:, 0] += zeros
     return counts if into is None else into + counts
 
 
