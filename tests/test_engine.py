@@ -389,3 +389,30 @@ def test_cli_recipe_with_overrides(tiny_base_factory, tiny_agents_factory, tmp_p
         == 2
     )
     assert "keep" in capsys.readouterr().err
+
+
+def test_non_finite_base_values(pair, tmp_path):
+    base, agent = pair
+    poisoned = tmp_path / "base"
+    shutil.copytree(base, poisoned)
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def poison(tensors):
+        tensors[name][1, 2] = float("nan")
+
+    edit(poisoned, poison)
+    edit(agent, poison)  # the agent keeps the base's NaN: only the base check can see it
+    expect_error(poisoned, {"a": agent}, tmp_path, "the base", "NaN/Inf", name)
+
+
+def test_agents_in_another_dtype_than_the_base(tiny_base_factory, tiny_agents_factory, tmp_path):
+    base = tiny_base_factory("qwen2", False, torch.float32, False)
+    agents = tiny_agents_factory(base, ("a", "b"), density=[0.05, 0.1])
+    widened = tmp_path / "b64"
+    shutil.copytree(agents["b"], widened)
+    edit(widened, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    mixed = {"a": agents["a"], "b": widened}
+    ram_trl.merge(base, mixed, "ram_plus", tmp_path / "mixed", progress=False)
+    ram_trl.merge(base, agents, "ram_plus", tmp_path / "same", progress=False)
+    got, want = load_all(tmp_path / "mixed"), load_all(tmp_path / "same")
+    assert all(torch.equal(got[name], want[name]) for name in want)
