@@ -71,7 +71,7 @@ def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
 
 
 def check_agent_name(name: str) -> str:
-    if not _SAFE_AGENT_NAME.match(name) or name in (".", ".."):
+    if not _SAFE_AGENT_NAME.fullmatch(name) or name in (".", ".."):
         raise InputError(
             f"agent name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
             "(up to 64 characters, starting with a letter or digit)"

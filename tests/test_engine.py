@@ -320,9 +320,10 @@ def test_unknown_method_and_bad_parameter(pair, tmp_path):
     expect_error(base, {"a": agent}, tmp_path, "alpha", method="ram_plus", params={"alpha": -1})
 
 
-def test_bad_agent_name(pair, tmp_path):
+@pytest.mark.parametrize("name", ["../evil", "a\n", ".", ""])
+def test_bad_agent_name(pair, tmp_path, name):
     base, agent = pair
-    expect_error(base, {"../evil": agent}, tmp_path, "../evil")
+    expect_error(base, {name: agent}, tmp_path, repr(name))
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -246,7 +246,8 @@ def test_one_agent_gives_the_agent(deltas, method):
 def test_agent_order_does_not_matter(deltas, rnd, method):
     order = list(range(deltas.shape[0]))
     rnd.shuffle(order)
-    torch.testing.assert_close(run(method, deltas[order]), run(method, deltas), rtol=1e-6, atol=0)
+    # shared means add in another order: equal up to float32 rounding of the sums
+    torch.testing.assert_close(run(method, deltas[order]), run(method, deltas), rtol=1e-6, atol=1e-6)
 
 
 @given(sparse_deltas(), sparse_deltas())
