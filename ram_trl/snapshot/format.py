@@ -1,0 +1,479 @@
+"""The on-disk format of a task-vector snapshot: ``manifest.json`` plus safetensors files.
+
+A snapshot folder holds ``manifest.json`` and ``task_vector.safetensors`` (or, when large,
+``task_vector-00001-of-0000N.safetensors``). Per base tensor the manifest records its layout:
+
+* ``unchanged``: no element moved by more than epsilon; nothing is stored.
+* ``sparse``: ``<name>::indices`` (flat, strictly increasing, int32 or int64) and
+  ``<name>::values`` (the *fine-tuned* weights at those indices, in the fine-tuned dtype).
+  Values rather than deltas, because the difference of two bf16 numbers is not always a bf16
+  number: with values, reconstruction is exact.
+* ``dense``: ``<name>``, the whole fine-tuned tensor with sub-epsilon elements reset to base.
+
+Files are written by :class:`StreamWriter` one tensor at a time: the safetensors header space is
+reserved up front (its size is bounded from the tensor names) and filled in at the end, so no
+shard is ever held in memory. They are ordinary safetensors files: ``safe_open`` or
+``ram_trl.io.ModelFolder`` read them like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ram_trl.errors import InputError
+from ram_trl.io.checkpoint import DTYPES, ModelFolder, TensorInfo, read_header
+
+FORMAT = "ram-trl.task-vector"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SINGLE_FILE = "task_vector.safetensors"
+LAYOUTS = ("unchanged", "sparse", "dense")
+Layout = Literal["unchanged", "sparse", "dense"]
+
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The safetensors code (``"BF16"``) of a torch dtype; codes pass through."""
+    if isinstance(dtype, str):
+        if dtype in DTYPES:
+            return dtype
+        raise InputError(f"unsupported tensor dtype {dtype!r}")
+    if dtype not in _NAMES:
+        raise InputError(f"unsupported tensor dtype {dtype}")
+    return _NAMES[dtype]
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype_name(dtype)]
+
+
+def as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor (any dtype, 0-d included), without copying
+    when it is already contiguous."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def index_dtype_for(numel: int) -> str:
+    """int32 indices whenever they fit: they are 4 of the 6 bytes a sparse bf16 element costs."""
+    return "I32" if numel <= 2**31 - 1 else "I64"
+
+
+def indices_key(name: str) -> str:
+    return f"{name}::indices"
+
+
+def values_key(name: str) -> str:
+    return f"{name}::values"
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One base tensor as the snapshot stores it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the fine-tuned tensor (and of the stored values)
+    layout: Layout
+    nnz: int  # elements with |tau| > epsilon
+    file: str | None = None  # the safetensors file holding its data (None when unchanged)
+    index_dtype: str | None = None  # "I32" or "I64" for sparse entries
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def keys(self) -> list[str]:
+        if self.layout == "sparse":
+            return [indices_key(self.name), values_key(self.name)]
+        return [self.name] if self.layout == "dense" else []
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype}
+        out.update(layout=self.layout, nnz=self.nnz)
+        if self.file is not None:
+            out["file"] = self.file
+        if self.index_dtype is not None:
+            out["index_dtype"] = self.index_dtype
+        return out
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` says about a snapshot. ``tensors`` are in the base's order."""
+
+    epsilon: float
+    base_fingerprint: str
+    tensors: dict[str, TensorEntry]
+    agent: str | None = None
+    step: int | None = None
+    created: str | None = None  # ISO 8601, UTC
+    metrics: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    base_path: str | None = None  # where the base was when the snapshot was taken (a hint)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.tensors.values())
+
+    @property
+    def nnz(self) -> int:
+        return sum(e.nnz for e in self.tensors.values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the model's elements that changed by more than epsilon."""
+        return self.nnz / self.numel if self.numel else 0.0
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({e.dtype for e in self.tensors.values()})
+
+    def changed_counts(self) -> dict[str, int]:
+        """Changed elements per tensor (what RAM's overlap statistics are built from)."""
+        return {name: e.nnz for name, e in self.tensors.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "agent": self.agent,
+            "step": self.step,
+            "epsilon": self.epsilon,
+            "dtypes": self.dtypes,
+            "base_fingerprint": self.base_fingerprint,
+            "base_path": self.base_path,
+            "created": self.created,
+            "metrics": self.metrics,
+            "numel": self.numel,
+            "nnz": self.nnz,
+            "files": self.files,
+            "tensors": {name: e.to_json() for name, e in self.tensors.items()},
+        }
+
+    def write(self, directory: Path) -> None:
+        text = json.dumps(self.to_json(), indent=1) + "\n"
+        write_file_synced(directory / MANIFEST, text.encode())
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> Manifest:
+        """Parse ``directory/manifest.json``; any problem is an InputError naming the file."""
+        path = Path(directory) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(
+                f"{directory} is not a task-vector snapshot: {path} is missing"
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"snapshot manifest {path} is unreadable or not JSON: {e}") from None
+        try:
+            return cls._from_json(data)
+        except InputError as e:
+            raise InputError(f"snapshot manifest {path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"snapshot manifest {path} is malformed: {e!r}") from None
+
+    @classmethod
+    def _from_json(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InputError(f"not a {FORMAT} manifest")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InputError(
+                f"format version {version!r} is not supported (this ram-trl reads version "
+                f"{FORMAT_VERSION}); upgrade ram-trl or re-create the snapshot"
+            )
+        tensors = {}
+        for name, t in data["tensors"].items():
+            layout = t["layout"]
+            if layout not in LAYOUTS:
+                raise InputError(f"tensor {name!r} has unknown layout {layout!r}")
+            entry = TensorEntry(
+                name=name,
+                shape=tuple(int(d) for d in t["shape"]),
+                dtype=dtype_name(t["dtype"]),
+                layout=layout,
+                nnz=int(t["nnz"]),
+                file=t.get("file"),
+                index_dtype=t.get("index_dtype"),
+            )
+            _check_entry(entry)
+            tensors[name] = entry
+        step = data.get("step")
+        return cls(
+            epsilon=float(data["epsilon"]),
+            base_fingerprint=str(data["base_fingerprint"]),
+            tensors=tensors,
+            agent=data.get("agent"),
+            step=None if step is None else int(step),
+            created=data.get("created"),
+            metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
+            files=[str(f) for f in data.get("files", [])],
+            base_path=data.get("base_path"),
+            format_version=version,
+        )
+
+
+def _check_entry(e: TensorEntry) -> None:
+    where = f"tensor {e.name!r}"
+    if not 0 <= e.nnz <= e.numel:
+        raise InputError(f"{where}: nnz {e.nnz} is outside [0, {e.numel}]")
+    if e.layout == "unchanged" and e.nnz:
+        raise InputError(f"{where} is 'unchanged' but has nnz {e.nnz}")
+    if e.layout != "unchanged" and (e.file is None or "/" in e.file or e.file.startswith(".")):
+        raise InputError(f"{where}: missing or invalid 'file' {e.file!r}")
+    if e.layout == "sparse" and e.index_dtype not in ("I32", "I64"):
+        raise InputError(f"{where}: sparse entries need index_dtype I32 or I64")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _header_bound(keys: Iterable[tuple[str, int]]) -> int:
+    """An upper bound on the JSON header of a file holding any subset of ``keys`` (key, ndim)."""
+    big = 10**20  # more digits than any shape or offset
+    total = len(json.dumps({"__metadata__": {"format": "pt"}}))
+    for key, ndim in keys:
+        entry = {"dtype": "F8_E4M3", "shape": [big] * ndim, "data_offsets": [big, big]}
+        total += len(json.dumps({key: entry}, separators=(",", ":")))
+    return (total + 7) // 8 * 8
+
+
+class StreamWriter:
+    """Writes safetensors shards tensor by tensor, holding none of them.
+
+    Each shard starts with ``reserve`` bytes of header space (an upper bound computed from every
+    key the snapshot might contain); the real header is written there, padded with spaces as
+    the safetensors format allows, when the shard is closed. A new shard starts when the next
+    tensor group would push the current one past ``max_shard_bytes``.
+    """
+
+    def __init__(self, directory: Path, keys: Iterable[tuple[str, int]], max_shard_bytes: int):
+        self.directory = directory
+        self.reserve = _header_bound(keys)
+        self.max_shard_bytes = max_shard_bytes
+        self.parts: list[str] = []
+        self._file: Any = None
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+
+    def write_group(self, tensors: dict[str, torch.Tensor]) -> str:
+        """Write tensors that must land in the same file; return that file's (temporary) name."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._file is None or (self._offset and self._offset + size > self.max_shard_bytes):
+            self._open_part()
+        for key, tensor in tensors.items():
+            data = as_bytes(tensor)
+            self._file.write(data)
+            end = self._offset + data.nbytes
+            self._header[key] = {
+                "dtype": dtype_name(tensor.dtype),
+                "shape": list(tensor.shape),
+                "data_offsets": [self._offset, end],
+            }
+            self._offset = end
+        return self.parts[-1]
+
+    def _open_part(self) -> None:
+        self._close_part()
+        name = f"part-{len(self.parts) + 1:05d}.tmp"
+        self.parts.append(name)
+        self._file = open(self.directory / name, "wb")  # noqa: SIM115 - closed in _close_part
+        self._file.seek(8 + self.reserve)
+        self._header, self._offset = {}, 0
+
+    def _close_part(self) -> None:
+        if self._file is None:
+            return
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")
+        ).encode()
+        if len(header) > self.reserve:  # pragma: no cover - the bound is exact
+            raise AssertionError("safetensors header exceeds the reserved space")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def finish(self) -> dict[str, str]:
+        """Close the last shard and give the shards their final names; returns temp -> final."""
+        self._close_part()
+        n = len(self.parts)
+        final = {
+            part: SINGLE_FILE if n == 1 else f"task_vector-{i:05d}-of-{n:05d}.safetensors"
+            for i, part in enumerate(self.parts, start=1)
+        }
+        for part, name in final.items():
+            os.replace(self.directory / part, self.directory / name)
+        return final
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def lock_entry(directory: Path, *, shared: bool, wait: bool = True) -> int | None:
+    """flock ``directory/manifest.json`` and return the fd (close it to unlock).
+
+    Readers hold a shared lock while they read a snapshot; a store removes or replaces an entry
+    only under an exclusive one, so it never pulls files from under a reader. Returns None when
+    ``wait`` is false and the lock is taken, -1 when the entry has no manifest (nothing to
+    protect). The lock is on the file *at this path*: if the entry was moved away meanwhile,
+    a reader gets an InputError and a writer retries on what is there now. Like every flock, it
+    is shared with children forked (without exec) while it is held.
+    """
+    path = directory / MANIFEST
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if shared:
+                raise InputError(
+                    f"{directory} is not a task-vector snapshot: {path} is missing"
+                ) from None
+            return -1
+        try:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            moved = os.stat(path).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            moved = True
+        if not moved:
+            return fd
+        os.close(fd)
+        if shared:
+            raise InputError(f"snapshot {directory} was removed or replaced while being opened")
+
+
+def _read_one(info: TensorInfo, position: int) -> int:
+    """Element ``position`` of an integer tensor, read straight from its file."""
+    size = info.dtype.itemsize
+    with open(info.file, "rb") as f:
+        f.seek(info.offset + position * size)
+        raw = bytearray(f.read(size))
+    return int(torch.frombuffer(raw, dtype=info.dtype)[0])
+
+
+def validate(directory: str | os.PathLike) -> Manifest:
+    """Check a snapshot from its manifest and file headers (cheap: no tensor data is read except
+    the first and last index of each sparse tensor). Returns the manifest; raises InputError
+    naming the snapshot and the problem: bad or unknown-version manifest, missing or truncated
+    file, a tensor whose stored shape/dtype/nnz disagrees with the manifest, an index out of range.
+    """
+    directory = Path(directory)
+    manifest = Manifest.read(directory)
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for name in manifest.files:
+        if "/" in name or name.startswith("."):
+            raise InputError(f"snapshot {directory}: invalid file name {name!r} in the manifest")
+        if not (directory / name).is_file():
+            raise InputError(f"snapshot {directory}: file {name} is missing")
+        try:
+            headers[name] = read_header(directory / name)
+        except InputError as e:
+            raise InputError(f"snapshot {directory} is truncated or corrupted: {e}") from None
+    for e in manifest.tensors.values():
+        if e.layout == "unchanged":
+            continue
+        where = f"snapshot {directory}, tensor {e.name!r} ({e.file})"
+        if e.file not in headers:
+            raise InputError(f"{where}: the file is not listed in the manifest")
+        header = headers[e.file]
+        if e.layout == "dense":
+            _expect(header, e.name, e.dtype, e.shape, where)
+            continue
+        if e.nnz == 0:
+            raise InputError(f"{where}: sparse with nnz 0")
+        _expect(header, indices_key(e.name), e.index_dtype, (e.nnz,), where)
+        _expect(header, values_key(e.name), e.dtype, (e.nnz,), where)
+        info = header[indices_key(e.name)]
+        first, last = _read_one(info, 0), _read_one(info, e.nnz - 1)
+        if first < 0 or last >= e.numel or first > last:
+            raise InputError(
+                f"{where}: indices out of range (first {first}, last {last}, numel {e.numel})"
+            )
+    return manifest
+
+
+def _expect(
+    header: dict[str, TensorInfo], key: str, dtype: str | None, shape: tuple[int, ...], where: str
+) -> None:
+    info = header.get(key)
+    if info is None:
+        raise InputError(f"{where}: the file lacks {key!r}")
+    if dtype_name(info.dtype) != dtype or info.shape != shape:
+        raise InputError(
+            f"{where}: {key!r} is {dtype_name(info.dtype)} {list(info.shape)} in the file but the "
+            f"manifest says {dtype} {list(shape)} (nnz mismatch or corruption)"
+        )
+
+
+def snapshot_files(directory: Path, manifest: Manifest) -> Any:
+    """The snapshot's safetensors files, read like a checkpoint (None when nothing changed)."""
+    return ModelFolder(directory) if manifest.files else None
+
+
+def check_sorted(idx: torch.Tensor, e: TensorEntry, where: Path, previous: int = -1) -> int:
+    """Raise unless ``idx`` is strictly increasing, above ``previous`` and below numel."""
+    if idx.numel() == 0:
+        return previous
+    bad = int(idx[0]) <= previous or int(idx[-1]) >= e.numel
+    if idx.numel() > 1 and not bad:
+        bad = bool((idx[1:] <= idx[:-1]).any())
+    if bad:
+        raise InputError(
+            f"snapshot {where}, tensor {e.name!r}: indices are not strictly increasing "
+            f"within [0, {e.numel}) (corrupted file {e.file})"
+        )
+    return int(idx[-1])
