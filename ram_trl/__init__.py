@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.errors import InputError, RAMError
     from ram_trl.probe import probe
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["InputError", "MergeConfig", "RAMError", "__version__", "merge", "probe"]
 
 
 def __getattr__(name: str) -> Any:
