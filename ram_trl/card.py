@@ -4,6 +4,7 @@ do it again."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,14 +16,26 @@ _PAPER = "https://arxiv.org/abs/2601.13572"
 def reproduce_command(report: MergeReport) -> str:
     """A ``ram-trl merge`` command line that redoes this merge."""
     words = ["ram-trl", "merge", "--base", report.base]
-    for agent in report.agents:
-        words += ["--agent", f"{agent.name}={agent.path}"]
+    stores = {_store_of(Path(agent.path)) for agent in report.agents}
+    if len(stores) == 1 and None not in stores:  # snapshots of one store, by agent and step
+        words += ["--store", str(stores.pop())]
+        for agent in report.agents:
+            words += ["--agent", f"{agent.name}@{Path(agent.path).name.removeprefix('step-')}"]
+    else:
+        for agent in report.agents:
+            words += ["--agent", f"{agent.name}={agent.path}"]
     words += ["--method", report.method]
     for key, value in report.params.items():
         words += [f"--{key.replace('_', '-')}", str(value)]
     if report.out:
         words += ["--out", report.out]
     return shlex.join(words)
+
+
+def _store_of(snapshot: Path) -> Path | None:
+    """The store holding a snapshot folder ``<store>/agents/<agent>/step-<N>``, if it is one."""
+    in_store = snapshot.name.startswith("step-") and snapshot.parent.parent.name == "agents"
+    return snapshot.parents[2] if in_store and (snapshot / "manifest.json").is_file() else None
 
 
 def render_model_card(report: MergeReport) -> str:

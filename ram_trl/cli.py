@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("recipe", nargs="?", help="a YAML recipe; flags given here override it")
     _add_inputs(merge)
+    merge.add_argument(
+        "--store",
+        help="merge snapshots of a store (ram-trl snapshot / RAMCallback); --agent then takes "
+        "NAME or NAME@STEP, and no --agent means every agent's newest snapshot",
+    )
     merge.add_argument("--out", help="output folder (written atomically)")
     merge.add_argument("--dtype", help="output dtype (default: the base's)")
     merge.add_argument("--shard-size", help="largest output shard, e.g. 5GB (default) or 500MB")
@@ -107,14 +112,16 @@ def _config(args: argparse.Namespace):
     from ram_trl.errors import InputError
 
     config = MergeConfig.from_yaml(args.recipe) if args.recipe else None
-    agents = parse_agents(args.agent)
+    store = getattr(args, "store", None) or (config.store if config else None)
+    agents: dict[str, str] | list[str] = list(args.agent) if store else parse_agents(args.agent)
     if config is None:
-        if not args.base:
-            raise InputError("give a recipe or --base (see `ram-trl merge --help`)")
-        config = MergeConfig(base=args.base, agents=agents)
+        if not args.base and not store:
+            raise InputError("give a recipe, --base or --store (see `ram-trl merge --help`)")
+        config = MergeConfig(base=args.base, agents=agents, store=store)
     else:
         config.base = args.base or config.base
         config.agents = agents or config.agents
+        config.store = store
     params = _params(args)
     scope = params.pop("rho_scope", None)
     config.parameters = {**config.parameters, **params}

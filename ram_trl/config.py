@@ -22,9 +22,12 @@ from ram_trl.errors import InputError
 
 @dataclass
 class MergeConfig:
-    base: str
-    agents: dict[str, str]
+    base: str | None
+    agents: dict[str, str] | list[str]
     out: str | None = None
+    #: a snapshot store: ``agents`` then lists ``NAME`` or ``NAME@STEP`` (empty: every agent's
+    #: newest snapshot) and ``base`` defaults to the one the store recorded
+    store: str | None = None
     method: str = "ram_plus"
     parameters: dict[str, Any] = field(default_factory=dict)
     rho_scope: str | None = None
@@ -56,6 +59,11 @@ class MergeConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        if data.get("store"):
+            agents = data.get("agents") or []
+            if not isinstance(agents, list):
+                raise InputError(f"{source}: with 'store', 'agents' lists NAME or NAME@STEP")
+            return cls(**{"base": None, **data, "agents": [str(a) for a in agents]})
         for required in ("base", "agents"):
             if not data.get(required):
                 raise InputError(f"{source}: the field {required!r} is required")
@@ -63,6 +71,23 @@ class MergeConfig:
             raise InputError(f"{source}: 'agents' must map agent names to model folders")
         data = {**data, "agents": {str(k): str(v) for k, v in data["agents"].items()}}
         return cls(**data)
+
+    def sources(self) -> tuple[Any, dict[str, Any]]:
+        """The base and the agents to merge: model folders, or the store's snapshots."""
+        if self.store is None:
+            if self.base is None:
+                raise InputError("no base model given (--base)")
+            return self.base, dict(self.agents)
+        from ram_trl.snapshot import SnapshotStore, TaskVectorSource
+        from ram_trl.snapshot.cli import resolve_store_agents
+
+        store = SnapshotStore(self.store, create=False)
+        base = self.base or store.base_path
+        if base is None:
+            raise InputError(f"store {self.store} records no base model; pass --base")
+        specs = list(self.agents) if isinstance(self.agents, list) else list(self.agents)
+        snapshots = resolve_store_agents(store, specs)
+        return base, {name: TaskVectorSource(path, base) for name, path in snapshots.items()}
 
     def method_params(self) -> dict[str, Any]:
         """The method's parameters, with ``rho_scope`` folded in where given."""
@@ -74,9 +99,10 @@ class MergeConfig:
     def run(self, *, dry_run: bool = False, progress: bool = True):
         from ram_trl.engine import merge
 
+        base, agents = self.sources()
         return merge(
-            self.base,
-            self.agents,
+            base,
+            agents,
             self.method,
             self.out,
             params=self.method_params(),

@@ -527,3 +527,44 @@ def test_unsorted_indices_are_caught_when_read(snap) -> None:
         TaskVector.load(path)
     with TaskVectorSource(path, base_dir) as source, pytest.raises(InputError, match=str(path)):
         source.read("embed.weight", 0, 4)
+
+
+def test_cli_merge_from_store_equals_merge_of_checkpoints(tmp_path, capsys):
+    """`ram-trl snapshot` each agent into a store, `ram-trl merge --store`: the same bits as
+    merging the checkpoints, and a model card whose command redoes it from the store."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import ram_trl
+    from ram_trl.cli import main
+    from ram_trl.testing import make_sparse_agents, save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", "qwen2", dtype=torch.bfloat16)
+    agents = make_sparse_agents(base, tmp_path / "agents", ["code", "tool"], density=[0.05, 0.2])
+    store = tmp_path / "store"
+    for name, path in agents.items():
+        args = ["snapshot", "--base", str(base), "--model", str(path), "--store", str(store)]
+        assert main([*args, "--agent", name, "--step", "7"]) == 0
+    out = tmp_path / "from-store"
+    assert (
+        main(["merge", "--store", str(store), "--out", str(out), "--method", "ram_plus", "-q"]) == 0
+    )
+    ram_trl.merge(base, agents, "ram_plus", tmp_path / "from-folders", progress=False)
+    got, want = (
+        load_file(out / "model.safetensors"),
+        load_file(tmp_path / "from-folders" / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    card = (out / "README.md").read_text()
+    assert f"--store {store}" in card and "--agent code@7" in card
+    record = json.loads((out / "ram_trl_merge.json").read_text())
+    assert [a["name"] for a in record["agents"]] == ["code", "tool"]
+
+    capsys.readouterr()
+    assert (
+        main(["merge", "--store", str(store), "--agent", "code@8", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "code" in capsys.readouterr().err
+    assert main(["merge", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "y")]) == 2

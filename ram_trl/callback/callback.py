@@ -14,7 +14,6 @@ decides when, on which rank, and what to log.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -119,7 +118,7 @@ class RAMCallback(TrainerCallback):
         self.trainer.accelerator.wait_for_everyone()
 
     def _recorded_base(self) -> str | None:
-        return json.loads((self.store.root / "store.json").read_text()).get("base_path")
+        return self.store.base_path
 
     def _check_base(self) -> None:
         from ram_trl.snapshot import fingerprint_folder

@@ -125,7 +125,8 @@ def run_snapshot(args: argparse.Namespace) -> int:
             raise InputError("--agent NAME is required with --store")
         store = SnapshotStore(args.store)
         # refuse a base of another store before the (long) extraction, not after it
-        store.check_base(fingerprint_folder(args.base), f"the base {Path(args.base).resolve()}")
+        base = str(Path(args.base).resolve())
+        store.check_base(fingerprint_folder(args.base), f"the base {base}", base)
         if step is None:
             steps = store.steps(args.agent)
             step = steps[-1] + 1 if steps else 0

@@ -192,6 +192,11 @@ class SnapshotStore:
         """The fingerprint every snapshot of this store was taken against (None while empty)."""
         return self._read_info().get("base_fingerprint")
 
+    @property
+    def base_path(self) -> str | None:
+        """Where the base model was when the store recorded it (None while empty)."""
+        return self._read_info().get("base_path")
+
     def check_base(
         self, fingerprint: str, where: str | os.PathLike, base_path: str | None = None
     ) -> None:
@@ -205,7 +210,7 @@ class SnapshotStore:
         info = self._read_info()
         ours = info.get("base_fingerprint")
         if ours is None:
-            recorded = {"base_fingerprint": fingerprint, "base_path": base_path or str(where)}
+            recorded = {"base_fingerprint": fingerprint, "base_path": base_path}
             self._write_info({**info, **recorded})
         elif ours != fingerprint:
             theirs = f" (base {base_path})" if base_path else ""
