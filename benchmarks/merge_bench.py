@@ -702,10 +702,12 @@ def floor_command(wl: Workload, out: Path) -> list[str]:
 
 
 def method_args(spec: str) -> tuple[list[str], str]:
-    """CLI arguments and a note for a ``--methods`` entry such as ``ram_plus`` or
-    ``ram_plus:tensor`` (method, optionally ``:rho-scope``)."""
+    """CLI arguments and a note for a ``--methods`` entry such as ``ram_plus``,
+    ``ram_plus:tensor`` (method, optionally ``:rho-scope``) or ``ram_plus@store`` (merging the
+    agents' task-vector snapshots from a store instead of their checkpoints)."""
+    spec, _, source = spec.partition("@")
     method, _, scope = spec.partition(":")
-    args, notes = ["--method", method], []
+    args, notes = ["--method", method], ["from a snapshot store"] if source == "store" else []
     if method == "ram_plus" or scope:
         scope = scope or "global"
         args += ["--rho-scope", scope]
@@ -725,9 +727,29 @@ def merge_command(
     """The full ``ram-trl merge`` command line for one ``--methods`` entry."""
     args, _ = method_args(spec)
     cmd = [*prefix, "merge", "--base", str(wl.base)]
-    for a in wl.agents:
-        cmd += ["--agent", f"{a.name}={a}"]
+    if spec.endswith("@store"):
+        cmd += ["--store", str(ensure_store(prefix, wl))]
+    else:
+        for a in wl.agents:
+            cmd += ["--agent", f"{a.name}={a}"]
     return [*cmd, *args, "--out", str(out), "--overwrite", *extra]
+
+
+def ensure_store(prefix: Sequence[str], wl: Workload) -> Path:
+    """A snapshot store holding one ``ram-trl snapshot`` of every agent, made once per workload
+    (``benchmarks/snapshot_bench.py`` times extraction itself)."""
+    store = wl.root / "store"
+    stamp = json.dumps(wl.stamp, sort_keys=True)
+    if (store / ".bench_stamp").is_file() and (store / ".bench_stamp").read_text() == stamp:
+        return store
+    shutil.rmtree(store, ignore_errors=True)
+    for a in wl.agents:
+        cmd = [*prefix, "snapshot", "--base", str(wl.base), "--model", str(a)]
+        log(f"[store] {shlex.join(cmd)}")
+        args = [*cmd, "--store", str(store), "--agent", a.name, "--step", "1"]
+        subprocess.run(args, check=True, stdout=sys.stderr)  # stdout carries the table
+    (store / ".bench_stamp").write_text(stamp)
+    return store
 
 
 @dataclasses.dataclass
@@ -958,8 +980,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("runs")
     r.add_argument(
         "--methods",
-        default="ram,ram_plus,task_arithmetic,ties",
-        help="comma list; method[:rho-scope], e.g. ram_plus:tensor ('' = floor only)",
+        default="ram,ram_plus,ram_plus:tensor,task_arithmetic,ties,ram_plus@store",
+        help="comma list; method[:rho-scope][@store], e.g. ram_plus:tensor, or ram_plus@store "
+        "to merge snapshots from a store ('' = floor only)",
     )
     r.add_argument("--repeat", type=int, default=1, help="runs per command; best wall is kept")
     r.add_argument(
