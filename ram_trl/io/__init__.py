@@ -3,10 +3,9 @@ streaming, atomic writes of ``save_pretrained``-style sharded checkpoints."""
 
 from __future__ import annotations
 
-from ram_trl.io.checkpoint import ModelFolder, TensorInfo, load_config
+from ram_trl.io.checkpoint import ModelFolder, TensorInfo, TensorSpec, load_config
 from ram_trl.io.writer import (
     ShardedWriter,
-    TensorSpec,
     atomic_directory,
     copy_model_files,
     parse_size,

@@ -45,14 +45,13 @@ _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)  # absent on W
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file and the byte offset of its (row-major) data there."""
+class TensorSpec:
+    """Name, shape and dtype of one tensor: all a shard header needs, and the base of what every
+    weight source says about its tensors."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    file: Path
-    offset: int
 
     @property
     def numel(self) -> int:
@@ -66,6 +65,14 @@ class TensorInfo:
     def rows(self) -> int:
         """Length of dim 0, the dimension reads are chunked along; 1 for a 0-dim tensor."""
         return self.shape[0] if self.shape else 1
+
+
+@dataclass(frozen=True)
+class TensorInfo(TensorSpec):
+    """Where one tensor lives: its file and the byte offset of its (row-major) data there."""
+
+    file: Path
+    offset: int
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:

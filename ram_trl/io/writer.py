@@ -15,14 +15,13 @@ import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from ram_trl.errors import InputError, OutputExistsError
-from ram_trl.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME
+from ram_trl.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec
 
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -60,19 +59,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise InputError(f"size {size!r} must be positive")
     return value
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype of one output tensor: all a shard header needs."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:

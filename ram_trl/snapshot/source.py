@@ -8,7 +8,6 @@ values scattered in, so an engine can merge snapshots without densifying a whole
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import weakref
@@ -20,7 +19,7 @@ import torch
 
 from ram_trl.errors import InputError
 from ram_trl.inputs import read_rows
-from ram_trl.io.checkpoint import ModelFolder
+from ram_trl.io.checkpoint import ModelFolder, TensorSpec
 from ram_trl.snapshot.fingerprint import fingerprint_folder
 from ram_trl.snapshot.format import (
     Layout,
@@ -37,27 +36,12 @@ INDEX_CHUNK = 1 << 23  # sorted indices read at once when locating rows (32 MiB 
 
 
 @dataclass(frozen=True)
-class SnapshotTensorInfo:
+class SnapshotTensorInfo(TensorSpec):
     """What the engine needs to know about one tensor of a snapshot: the agent's shape/dtype."""
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
     file: str
     layout: Layout
     nnz: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
 
 
 class TaskVectorSource:
