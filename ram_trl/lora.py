@@ -1041,6 +1041,7 @@ def density_warning(
     *,
     shared_threshold: float = 0.9,
     changed_threshold: float = 0.99,
+    lora: bool = True,
 ) -> str | None:
     """A message when RAM on these task vectors degenerates into averaging, else ``None``.
 
@@ -1053,7 +1054,7 @@ def density_warning(
     ones. ``lora_B @ lora_A`` is dense, so a LoRA agent changes nearly every element of each
     module it adapts, two LoRA agents share nearly all of them, and the merge there is just the
     mean of the task vectors. The callback and the probe log this message so that nobody reads
-    a LoRA merge as a test of RAM.
+    a LoRA merge as a test of RAM. ``lora=False`` words the message for a dense full fine-tune.
     """
     for value, what in (
         (changed_fraction, "changed_fraction"),
@@ -1070,11 +1071,17 @@ def density_warning(
         )
     if not reasons:
         return None
+    cause = (
+        "This is expected for LoRA agents (lora_B @ lora_A is dense: a LoRA agent changes nearly "
+        "every element of each module it adapts). "
+        if lora
+        else "This full fine-tune is dense, typically from a high learning rate. "
+    )
     return (
         " and ".join(reasons)
         + ": RAM's unique/shared split carries almost no information here, so the merge is close "
-        "to a plain average of the task vectors. This is expected for LoRA agents (lora_B @ "
-        "lora_A is dense: a LoRA agent changes nearly every element of each module it adapts). "
-        "RAM pays off on sparse, heterogeneous task vectors, such as full fine-tuning at small "
+        "to a plain average of the task vectors. "
+        + cause
+        + "RAM pays off on sparse, heterogeneous task vectors, such as full fine-tuning at small "
         "learning rates."
     )

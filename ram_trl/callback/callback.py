@@ -293,7 +293,9 @@ class RAMCallback(TrainerCallback):
             if name == self.config.agent:
                 logs["ram/unique_share"] = a["unique"] / changed
                 message = (
-                    density_warning(min(1.0, self._touched_fraction), a["shared"] / changed)
+                    density_warning(
+                        min(1.0, self._touched_fraction), a["shared"] / changed, lora=self.peft
+                    )
                     if a["changed"]
                     else None
                 )
