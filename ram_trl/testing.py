@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from ram_trl.io import parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -36,7 +37,6 @@ __all__ = [
     "build_tiny_model",
     "build_tokenizer",
     "make_sparse_agents",
-    "parse_size",
     "save_tiny_base",
     "tiny_config",
 ]
@@ -243,18 +243,6 @@ class _ShardWriter:
             total_size += (self.out / final).stat().st_size
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (self.out / _INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def parse_size(size: int | str) -> int:
-    """Parse ``"20KB"`` / ``"2GB"`` / ``"512MiB"`` / ``1000`` into bytes (KB = 1000, KiB = 1024)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", size.strip(), re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. 20KB, 2GB or 512MiB")
-    number, prefix, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 def _weight_files(base: Path) -> list[str]:

@@ -13,7 +13,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ram_trl import testing
-from ram_trl.testing import CHANGE_THRESHOLD, build_tokenizer, make_sparse_agents, parse_size
+from ram_trl.testing import CHANGE_THRESHOLD, build_tokenizer, make_sparse_agents
 
 HETEROGENEOUS = {"code": 0.03, "tool": 0.2, "memory": 0.3}
 
@@ -239,16 +239,3 @@ def test_position_sampler_properties(numel, densities, overlap, seed) -> None:
         assert abs(positions.numel() - d * numel) <= slack
         unique = int((counts[positions] == 1).sum())
         assert unique >= (1 - overlap) * d * numel - slack, "private parts are never shared"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("20KB", 20_000), ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5kb", 1500), (7, 7)],
-)
-def test_parse_size(text, expected) -> None:
-    assert parse_size(text) == expected
-
-
-def test_parse_size_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match="cannot parse size"):
-        parse_size("lots")
