@@ -417,3 +417,22 @@ def test_agents_in_another_dtype_than_the_base(tiny_base_factory, tiny_agents_fa
     ram_trl.merge(base, agents, "ram_plus", tmp_path / "same", progress=False)
     got, want = load_all(tmp_path / "mixed"), load_all(tmp_path / "same")
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(pair, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base, agent = pair
+    expect_error(base, {"a": agent}, tmp_path, "cuda", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ram", "ram_plus", "ties", "task_arithmetic"])
+def test_cuda_merge_equals_cpu_merge(method, tiny_base_factory, tiny_agents_factory, tmp_path):
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, True)
+    agents = tiny_agents_factory(base, ("a", "b", "c"), density=[0.05, 0.2, 0.3])
+    for device in ("cpu", "cuda"):
+        ram_trl.merge(base, agents, method, tmp_path / device, device=device, progress=False)
+    got, want = load_all(tmp_path / "cuda"), load_all(tmp_path / "cpu")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
