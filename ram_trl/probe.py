@@ -177,6 +177,7 @@ def save_plot(report: ProbeReport, path: str | Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     n = len(report.agents)
@@ -197,6 +198,7 @@ def save_plot(report: ProbeReport, path: str | Path) -> bool:
             for key in layers
         ]
         right.plot([int(x) for x in layers], values, marker="o", label=name)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("layer")
     right.set_ylabel("% of elements changed")
     right.set_title("changed fraction by layer")

@@ -39,10 +39,8 @@ def main() -> None:
     from ram_trl.callback import callback as cb
     from ram_trl.snapshot.store import SnapshotStore
 
-    snapshot_model, checkpoint, on_train_end = cb.snapshot_model, cb.RAMCallback.checkpoint, (
-        cb.RAMCallback.on_train_end
-    )
-    put = SnapshotStore.put
+    snapshot_model, put = cb.snapshot_model, SnapshotStore.put
+    checkpoint, on_train_end = cb.RAMCallback.checkpoint, cb.RAMCallback.on_train_end
 
     def rec_snapshot_model(*args, **kwargs):
         path, seconds = snapshot_model(*args, **kwargs)
