@@ -286,7 +286,12 @@ def _merge_into(
         return [p.name for p in writer.close()]
 
 
-def _scales(inputs, spec: MergeMethod, params: Any, histograms):
+def _scales(
+    inputs: MergeInputs,
+    spec: MergeMethod,
+    params: Any,
+    histograms: Mapping[str, torch.Tensor] | None,
+) -> Callable[[str], torch.Tensor | None]:
     """``name -> per-agent lambdas`` (float32) for RAM-family methods, in the requested scope."""
     if spec.scales is None or histograms is None:
         return lambda name: None
