@@ -362,9 +362,12 @@ class RAMCallback(TrainerCallback):
             return model
         from transformers import AutoModelForCausalLM
 
+        from ram_trl.callback.evaluation import whole_on_this_rank
+
         ref = self.store.latest(self.config.agent)
         state = ref.load().apply(self.base_dir)
-        rebuilt = AutoModelForCausalLM.from_pretrained(self.base_dir)
+        with whole_on_this_rank():
+            rebuilt = AutoModelForCausalLM.from_pretrained(self.base_dir)
         rebuilt.load_state_dict(state, strict=False)  # strict=False: tied aliases are absent
         return rebuilt.to(device)
 

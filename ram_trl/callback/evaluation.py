@@ -9,6 +9,7 @@ its own seed: evaluating never changes what training draws next.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,36 @@ def evaluate(
     return result
 
 
+@contextmanager
+def whole_on_this_rank() -> Iterator[None]:
+    """Load models whole on one rank while DeepSpeed ZeRO-3 trains.
+
+    Under ZeRO-3, transformers builds every ``from_pretrained`` model inside
+    ``deepspeed.zero.Init``, which partitions it across ranks: a collective that the other ranks,
+    waiting at the callback's barrier, never join, so rank 0 would hang. Evaluation models are
+    rank 0's own, so the training run's ZeRO-3 setting is lifted while they load.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model(path: str | Path, base: str | Path, device: torch.device, lora: bool) -> nn.Module:
     """A merged model folder (or a LoRA adapter over ``base``) loaded for generation."""
     from transformers import AutoModelForCausalLM
 
-    if not lora:
-        return AutoModelForCausalLM.from_pretrained(path).to(device)
-    from peft import PeftModel
+    with whole_on_this_rank():
+        if not lora:
+            return AutoModelForCausalLM.from_pretrained(path).to(device)
+        from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(base)
-    return PeftModel.from_pretrained(model, str(path)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(base)
+        return PeftModel.from_pretrained(model, str(path)).to(device)
