@@ -68,6 +68,9 @@ def evaluate(
                 temperature=config.eval_temperature if config.eval_do_sample else None,
                 top_p=config.eval_top_p if config.eval_do_sample else None,
                 pad_token_id=tokenizer.pad_token_id,
+                # only this rank generates: under ZeRO-3/FSDP transformers would otherwise
+                # all-reduce at every step with ranks that are waiting at the barrier
+                synced_gpus=False,
             )
             for row in out[:, enc["input_ids"].shape[1] :].tolist():
                 ids = (
