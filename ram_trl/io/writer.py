@@ -239,7 +239,7 @@ class ShardedWriter:
             self._file = None
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries (renames, new files), to disk. POSIX only:
     elsewhere folders cannot be opened, and the OS makes its own guarantees."""
     if os.name != "posix":
@@ -278,7 +278,7 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         yield tmp
         for path in [*tmp.rglob("*"), tmp]:  # all of it is on disk before it is published
             if path.is_file() or path.is_dir():
-                _fsync(path)
+                fsync_path(path)
         if not overwrite:
             _publish_new(tmp, final)
         elif final.exists() or final.is_symlink():
@@ -289,11 +289,11 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
             except BaseException:
                 os.replace(old, final)
                 raise
-            _fsync(final.parent)
+            fsync_path(final.parent)
             _remove(old)
         else:
             os.replace(tmp, final)
-            _fsync(final.parent)
+            fsync_path(final.parent)
     except BaseException:
         _remove(tmp)
         raise
@@ -311,7 +311,7 @@ def _publish_new(tmp: Path, final: Path) -> None:
         if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
             raise OutputExistsError(message) from None
         raise
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:

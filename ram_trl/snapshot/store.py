@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
+from ram_trl.io.writer import fsync_path
 from ram_trl.snapshot.format import MANIFEST, Manifest, lock_entry, validate
 
 STORE_FILE = "store.json"
@@ -104,14 +105,6 @@ def _step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InputError(f"step must be an integer >= 0, got {step!r}")
     return step
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hold_lock_file(path: Path) -> int:
@@ -185,7 +178,7 @@ class SnapshotStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / STORE_FILE)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     @property
     def base_fingerprint(self) -> str | None:
@@ -349,7 +342,7 @@ class SnapshotStore:
             manifest.agent, manifest.step = agent, step
             (tmp / MANIFEST).unlink()
             manifest.write(tmp)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         return manifest
 
     def _publish(self, tmp: Path, final: Path, replace: bool, manifest: Manifest) -> bool:
@@ -367,7 +360,7 @@ class SnapshotStore:
                     trash = final.parent / f".trash-{final.name}-{secrets.token_hex(4)}"
                     os.rename(final, trash)
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_path(final.parent)
         finally:
             if guard is not None and guard >= 0:
                 os.close(guard)

@@ -29,7 +29,7 @@ import torch
 from ram_trl.errors import InputError
 from ram_trl.inputs import read_rows, row_chunks
 from ram_trl.io.checkpoint import ModelFolder
-from ram_trl.io.writer import atomic_directory, parse_size
+from ram_trl.io.writer import atomic_directory, fsync_path, parse_size
 from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_state_dict, unique_tensors
 from ram_trl.snapshot.format import (
     Layout,
@@ -280,16 +280,8 @@ def _write(
     entries = {n: replace(e, file=final[e.file]) if e.file else e for n, e in entries.items()}
     manifest = replace(meta, tensors=entries, files=list(final.values()))
     manifest.write(directory)
-    _fsync_dir(directory)
+    fsync_path(directory)
     return manifest
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def snapshot_folders(
