@@ -23,7 +23,8 @@ from ram_trl.errors import InputError
 #: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
 CHUNK_ELEMENTS = 1 << 22
 
-_SAFE_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: agent and merged-model names become folder names (fullmatch: no ".", "..", "a/b" or "a\n")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class WeightSource(Protocol):
@@ -71,10 +72,11 @@ def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
     return source
 
 
-def check_agent_name(name: str) -> str:
-    if not _SAFE_AGENT_NAME.fullmatch(name) or name in (".", ".."):
+def check_name(name: str, what: str = "agent") -> str:
+    """Names become folder names (in stores, in merge records): keep them to a safe alphabet."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         raise InputError(
-            f"agent name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
             "(up to 64 characters, starting with a letter or digit)"
         )
     return name
@@ -88,7 +90,7 @@ def open_inputs(
     if not agents:
         raise InputError("no agents to merge: give at least one agent (--agent NAME=PATH)")
     for name in agents:
-        check_agent_name(name)
+        check_name(name)
     base_source = open_source(base)
     inputs = MergeInputs(base_source, {}, list(base_source.tensors))
     try:

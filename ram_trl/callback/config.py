@@ -122,10 +122,10 @@ class RAMConfig:
     eval_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from ram_trl.inputs import check_agent_name
+        from ram_trl.inputs import check_name
         from ram_trl.methods import get_method
 
-        self.store, self.agent = str(self.store), check_agent_name(str(self.agent))
+        self.store, self.agent = str(self.store), check_name(str(self.agent))
         self.base = None if self.base is None else str(self.base)
         self.eval_tasks = [t if isinstance(t, EvalTask) else EvalTask(**t) for t in self.eval_tasks]
         names = [t.name for t in self.eval_tasks]

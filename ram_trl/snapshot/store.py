@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
+from ram_trl.inputs import SAFE_NAME, check_name
 from ram_trl.io.writer import fsync_path
 from ram_trl.snapshot.format import MANIFEST, Manifest, lock_entry, validate
 
@@ -47,7 +48,6 @@ STORE_FILE = "store.json"
 STORE_FORMAT = "ram-trl.snapshot-store"
 STORE_VERSION = 1
 _STEP = re.compile(r"^step-(\d+)$")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: no "." / ".." / "a/b" / "a\n"
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,6 @@ class SnapshotInfo(SnapshotRef):
     @property
     def valid(self) -> bool:
         return self.error is None
-
-
-def _check_name(name: str, what: str) -> str:
-    """Agent and merged-model names become folder names: keep them to a safe alphabet."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InputError(
-            f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
-            "(up to 64 characters, starting with a letter or digit)"
-        )
-    return name
 
 
 def _step(step: Any) -> int:
@@ -216,11 +206,11 @@ class SnapshotStore:
     # -- reading -----------------------------------------------------------------------------
 
     def _agent_dir(self, agent: str) -> Path:
-        return self.root / "agents" / _check_name(agent, "agent")
+        return self.root / "agents" / check_name(agent, "agent")
 
     def agents(self) -> list[str]:
         """Agents with at least one snapshot entry, sorted (stray folders are ignored)."""
-        folders = (p.name for p in (self.root / "agents").iterdir() if _NAME.fullmatch(p.name))
+        folders = (p.name for p in (self.root / "agents").iterdir() if SAFE_NAME.fullmatch(p.name))
         return sorted(name for name in folders if self.steps(name))
 
     def steps(self, agent: str) -> list[int]:
@@ -276,7 +266,7 @@ class SnapshotStore:
 
     def merged_dir(self, name: str) -> Path:
         """Where a merged model named ``name`` goes; publish it with ``atomic_directory``."""
-        return self.root / "merged" / _check_name(name, "merged model")
+        return self.root / "merged" / check_name(name, "merged model")
 
     # -- writing -----------------------------------------------------------------------------
 
