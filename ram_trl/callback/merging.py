@@ -48,44 +48,32 @@ def merge_snapshots(
     Jobs sharing a store can merge at the same step number at the same moment; whoever
     publishes ``out`` second writes to ``fallback_out`` instead (the report's ``out`` says where).
     """
+    from ram_trl.engine import merge
     from ram_trl.errors import OutputExistsError
+    from ram_trl.snapshot import TaskVectorSource
 
-    options = dict(method=method, params=params, dtype=dtype, output=output, lora_rank=lora_rank)
+    def attempt(target: str) -> dict[str, Any]:
+        sources = {agent: TaskVectorSource(path, base) for agent, path in snapshots.items()}
+        if output == "model":
+            return merge(
+                base, sources, method, target, params=params, dtype=dtype, progress=False
+            ).to_dict()
+        scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=Path(target).parent))
+        try:
+            report = merge(base, sources, method, scratch / "model", params=params, progress=False)
+            lora = _to_lora(base, scratch / "model", target, lora_rank)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        data = {**report.to_dict(), "out": target, "lora": lora}
+        (Path(target) / REPORT).write_text(json.dumps(data, indent=2) + "\n")
+        return data
+
     try:
-        return _merge_snapshots(base, snapshots, out, **options)
+        return attempt(out)
     except OutputExistsError:
         if fallback_out is None:
             raise
-        return _merge_snapshots(base, snapshots, fallback_out, **options)
-
-
-def _merge_snapshots(
-    base: str,
-    snapshots: dict[str, str],
-    out: str,
-    *,
-    method: str,
-    params: dict[str, Any],
-    dtype: str | None,
-    output: str,
-    lora_rank: int,
-) -> dict[str, Any]:
-    from ram_trl.engine import merge
-    from ram_trl.snapshot import TaskVectorSource
-
-    sources = {agent: TaskVectorSource(path, base) for agent, path in snapshots.items()}
-    if output == "model":
-        report = merge(base, sources, method, out, params=params, dtype=dtype, progress=False)
-        return report.to_dict()
-    scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=Path(out).parent))
-    try:
-        report = merge(base, sources, method, scratch / "model", params=params, progress=False)
-        lora = _to_lora(base, scratch / "model", out, lora_rank)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    data = {**report.to_dict(), "out": out, "lora": lora}
-    (Path(out) / REPORT).write_text(json.dumps(data, indent=2) + "\n")
-    return data
+        return attempt(fallback_out)
 
 
 def _to_lora(base: str, merged: Path, out: str, rank: int) -> dict[str, Any]:
