@@ -16,15 +16,37 @@ _LAZY = {
     "MergeConfig": "ram_trl.config",
     "RAMError": "ram_trl.errors",
     "InputError": "ram_trl.errors",
+    "RAMCallback": "ram_trl.callback.callback",
+    "RAMConfig": "ram_trl.callback.config",
+    "attach": "ram_trl.callback.callback",
+    "EvalTask": "ram_trl.evaluation",
+    "GenerationSettings": "ram_trl.evaluation",
+    "evaluate": "ram_trl.evaluation",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ram_trl.callback.callback import RAMCallback, attach
+    from ram_trl.callback.config import RAMConfig
     from ram_trl.config import MergeConfig
     from ram_trl.engine import merge
     from ram_trl.errors import InputError, RAMError
+    from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
     from ram_trl.probe import probe
 
-__all__ = ["InputError", "MergeConfig", "RAMError", "__version__", "merge", "probe"]
+__all__ = [
+    "EvalTask",
+    "GenerationSettings",
+    "InputError",
+    "MergeConfig",
+    "RAMCallback",
+    "RAMConfig",
+    "RAMError",
+    "__version__",
+    "attach",
+    "evaluate",
+    "merge",
+    "probe",
+]
 
 
 def __getattr__(name: str) -> Any:

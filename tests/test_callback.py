@@ -340,3 +340,32 @@ def test_two_concurrent_training_processes(tmp_path):
     merged = [p for p in (tmp_path / "store" / "merged").iterdir() if not p.name.startswith(".")]
     assert merged and all((p / "config.json").is_file() for p in merged)
     print(f"two concurrent jobs: {time.time() - started:.1f} s")
+
+
+def test_configs_parse_side_by_side_like_trl_scripts(tmp_path):
+    """TRL scripts parse GRPOConfig and their own configs with one HfArgumentParser: no RAMConfig
+    field may clash with a GRPOConfig one (``epsilon`` did)."""
+    from transformers import HfArgumentParser
+    from trl import GRPOConfig
+
+    parser = HfArgumentParser((GRPOConfig, RAMConfig))
+    args = [
+        "--output_dir",
+        str(tmp_path),
+        "--use_cpu",
+        "--store",
+        str(tmp_path / "s"),
+        "--agent",
+        "a",
+    ]
+    grpo, ram = parser.parse_args_into_dataclasses([*args, "--snapshot_epsilon", "1e-6"])
+    assert ram.agent == "a" and ram.snapshot_epsilon == 1e-6 and grpo.output_dir == str(tmp_path)
+
+
+def test_top_level_api_is_lazy():
+    code = (
+        "import sys, ram_trl; assert 'transformers' not in sys.modules; "
+        "from ram_trl import RAMCallback, RAMConfig, attach, EvalTask, evaluate; "
+        "assert RAMCallback.__name__ == 'RAMCallback'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,15 +14,16 @@ _LAZY = {
     "RAMCallback": "ram_trl.callback.callback",
     "attach": "ram_trl.callback.callback",
     "RAMConfig": "ram_trl.callback.config",
-    "EvalTask": "ram_trl.callback.config",
+    "EvalTask": "ram_trl.evaluation",
     "merge_snapshots": "ram_trl.callback.merging",
     "latest_snapshots": "ram_trl.callback.merging",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.callback.callback import RAMCallback, attach
-    from ram_trl.callback.config import EvalTask, RAMConfig
+    from ram_trl.callback.config import RAMConfig
     from ram_trl.callback.merging import latest_snapshots, merge_snapshots
+    from ram_trl.evaluation import EvalTask
 
 __all__ = [
     "EvalTask",

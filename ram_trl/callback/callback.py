@@ -8,7 +8,7 @@ At every save (or every N steps) the agent's task vector goes to the store; once
 two or more agents, their newest snapshots are merged into ``<store>/merged/step-<N>/`` and the
 merged model is evaluated next to the agent. The hooks receive no trainer, so the callback holds
 the one it is given. All the work is done by :mod:`ram_trl.callback.capture`,
-:mod:`~ram_trl.callback.merging` and :mod:`~ram_trl.callback.evaluation`; this module only
+:mod:`~ram_trl.callback.merging` and :mod:`ram_trl.evaluation`; this module only
 decides when, on which rank, and what to log.
 """
 
@@ -215,7 +215,7 @@ class RAMCallback(TrainerCallback):
             step,
             self.trainer.model,
             self.base_dir,
-            epsilon=self.config.epsilon,
+            epsilon=self.config.snapshot_epsilon,
             replace=self._replace,
             main=self.is_main,
         )
@@ -324,7 +324,7 @@ class RAMCallback(TrainerCallback):
     # -- evaluation --------------------------------------------------------------------------
 
     def _evaluate(self, merged: Path) -> dict[str, float]:
-        from ram_trl.callback.evaluation import evaluate, load_model
+        from ram_trl.evaluation import evaluate, load_model
 
         cfg = self.config
         if not cfg.eval_tasks:
@@ -338,7 +338,7 @@ class RAMCallback(TrainerCallback):
         def run(prefix: str, model: torch.nn.Module) -> dict[str, float]:
             out = {}
             for task in cfg.eval_tasks:
-                for key, value in evaluate(model, tokenizer, task, cfg).items():
+                for key, value in evaluate(model, tokenizer, task, cfg.generation).items():
                     out[f"{prefix}/{task.name}/{key}"] = value
             return out
 
@@ -362,7 +362,7 @@ class RAMCallback(TrainerCallback):
             return model
         from transformers import AutoModelForCausalLM
 
-        from ram_trl.callback.evaluation import whole_on_this_rank
+        from ram_trl.evaluation import whole_on_this_rank
 
         ref = self.store.latest(self.config.agent)
         state = ref.load().apply(self.base_dir)

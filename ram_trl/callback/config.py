@@ -1,4 +1,4 @@
-"""``RAMConfig`` and ``EvalTask``: what :class:`~ram_trl.callback.RAMCallback` does, and when.
+"""``RAMConfig``: what :class:`~ram_trl.callback.RAMCallback` does, and when.
 
 Everything is validated when the config is built (unknown merge method, bad parameters, bad
 agent name, bad cadence), so a typo fails before training starts, not at step 500. A config loads
@@ -9,60 +9,14 @@ import paths, since a YAML file cannot hold a Python callable.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
-
-#: a GRPO reward function: ``f(prompts, completions, **kwargs) -> list[float | None]``
-RewardFunc = Callable[..., Sequence[float | None]]
-
-
-def _import(path: str) -> Any:
-    module, sep, attr = path.partition(":")
-    if not sep or not module or not attr:
-        raise InputError(f"reward function {path!r} must be an import path 'module:function'")
-    try:
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot import reward function {path!r}: {e}") from None
-    return obj
-
-
-@dataclass
-class EvalTask:
-    """Prompts plus the reward functions that score completions of them (the same callables a
-    ``GRPOTrainer`` takes). ``columns`` are extra per-prompt keyword arguments for the reward
-    functions, like the dataset columns GRPO passes (e.g. ``{"answer": [...]}``)."""
-
-    name: str
-    prompts: list[Any]
-    reward_funcs: list[RewardFunc] | RewardFunc
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise InputError(f"eval task name {self.name!r} must be a non-empty string without '/'")
-        funcs = self.reward_funcs
-        funcs = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
-        self.reward_funcs = [_import(f) if isinstance(f, str) else f for f in funcs]
-        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
-            raise InputError(f"eval task {self.name!r}: reward_funcs must be callables")
-        self.prompts = list(self.prompts)
-        if not self.prompts:
-            raise InputError(f"eval task {self.name!r} has no prompts")
-        for key, values in self.columns.items():
-            if len(values) != len(self.prompts):
-                raise InputError(
-                    f"eval task {self.name!r}: column {key!r} has {len(values)} values for "
-                    f"{len(self.prompts)} prompts"
-                )
+from ram_trl.evaluation import EvalTask, GenerationSettings
 
 
 @dataclass
@@ -76,7 +30,9 @@ class RAMConfig:
             train begin and written once to ``<store>/base/`` (see ``RAMCallback``).
         snapshot_steps: ``None``: snapshot at every checkpoint save; ``N``: every N steps.
         snapshot_on_train_end: also snapshot the final weights if the last step was not.
-        epsilon: ``|tau| > epsilon`` is a change; must not exceed the merge's own epsilon.
+        snapshot_epsilon: a snapshot keeps the elements with ``|tau| > snapshot_epsilon``; must
+            not exceed the merge's epsilon. (Not ``epsilon``: ``GRPOConfig`` has one, and both
+            configs parse side by side in ``HfArgumentParser``.)
         keep_last: keep only this agent's newest snapshots (``None``: keep all).
         overwrite: a fresh (not resumed) run may replace this agent's existing snapshots.
         merge_every: merge after every k-th snapshot (0: never merge).
@@ -98,7 +54,7 @@ class RAMConfig:
     base: str | None = None
     snapshot_steps: int | None = None
     snapshot_on_train_end: bool = True
-    epsilon: float = 1e-5
+    snapshot_epsilon: float = 1e-5
     keep_last: int | None = None
     overwrite: bool = False
     merge_every: int = 1
@@ -133,9 +89,10 @@ class RAMConfig:
             raise InputError(f"eval task names must be unique, got {names}")
         params = get_method(self.merge_method).make_params(self.merge_params)  # validates
         merge_epsilon = getattr(params, "epsilon", math.inf)
-        if not (isinstance(self.epsilon, (int, float)) and 0 <= self.epsilon <= merge_epsilon):
+        eps = self.snapshot_epsilon
+        if not (isinstance(eps, (int, float)) and 0 <= eps <= merge_epsilon):
             raise InputError(
-                f"epsilon={self.epsilon!r} must be >= 0 and <= the merge's epsilon "
+                f"snapshot_epsilon={eps!r} must be >= 0 and <= the merge's epsilon "
                 f"({merge_epsilon}): a snapshot drops changes below its epsilon"
             )
         for name, low in (("snapshot_steps", 1), ("keep_last", 1)):
@@ -158,6 +115,18 @@ class RAMConfig:
         except (KeyError, IndexError, ValueError) as e:
             message = f"merged_name {self.merged_name!r} may use only {{step}} and {{agent}}: {e}"
             raise InputError(message) from None
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them."""
+        return GenerationSettings(
+            batch_size=self.eval_batch_size,
+            max_new_tokens=self.eval_max_new_tokens,
+            do_sample=self.eval_do_sample,
+            temperature=self.eval_temperature,
+            top_p=self.eval_top_p,
+            seed=self.eval_seed,
+        )
 
     def merged_model_name(self, step: int) -> str:
         return self.merged_name.format(step=step, agent=self.agent)

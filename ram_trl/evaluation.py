@@ -1,23 +1,92 @@
-"""Generate completions for an :class:`EvalTask` and score them with its reward functions.
+"""Scoring a model on prompts with verifiable rewards: the evaluation behind ``RAMCallback``,
+``ram_trl.search`` and the demo.
 
-The reward functions are called as ``GRPOTrainer`` calls them (``prompts=``, ``completions=``,
-``completion_ids=``, plus the task's ``columns``), so the merged model, the agent and the base are
-scored by exactly the rewards the agents were trained on. Sampling runs under a forked RNG with
-its own seed: evaluating never changes what training draws next.
+An :class:`EvalTask` is prompts plus the reward functions that score completions of them, the same
+callables a ``trl.GRPOTrainer`` takes. :func:`evaluate` generates one completion per prompt and
+calls the reward functions as ``GRPOTrainer`` calls them (``prompts=``, ``completions=``,
+``completion_ids=``, plus the task's ``columns``), so a merged model, an agent and the base are
+scored by exactly the rewards the agents were trained on. Sampling runs under a forked RNG with its
+own seed: evaluating never changes what training draws next.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ram_trl.callback.config import EvalTask, RAMConfig
+from ram_trl.errors import InputError
+
+#: a GRPO reward function: ``f(prompts, completions, **kwargs) -> list[float | None]``
+RewardFunc = Callable[..., Sequence[float | None]]
+
+
+def _import(path: str) -> Any:
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise InputError(f"reward function {path!r} must be an import path 'module:function'")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot import reward function {path!r}: {e}") from None
+    return obj
+
+
+@dataclass
+class EvalTask:
+    """Prompts plus the reward functions that score completions of them (the same callables a
+    ``GRPOTrainer`` takes). ``columns`` are extra per-prompt keyword arguments for the reward
+    functions, like the dataset columns GRPO passes (e.g. ``{"answer": [...]}``)."""
+
+    name: str
+    prompts: list[Any]
+    reward_funcs: list[RewardFunc] | RewardFunc
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise InputError(f"eval task name {self.name!r} must be a non-empty string without '/'")
+        funcs = self.reward_funcs
+        funcs = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
+        self.reward_funcs = [_import(f) if isinstance(f, str) else f for f in funcs]
+        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
+            raise InputError(f"eval task {self.name!r}: reward_funcs must be callables")
+        self.prompts = list(self.prompts)
+        if not self.prompts:
+            raise InputError(f"eval task {self.name!r} has no prompts")
+        for key, values in self.columns.items():
+            if len(values) != len(self.prompts):
+                raise InputError(
+                    f"eval task {self.name!r}: column {key!r} has {len(values)} values for "
+                    f"{len(self.prompts)} prompts"
+                )
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How :func:`evaluate` generates: greedy by default; sampling is seeded."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"generation {name} must be a positive integer, got {value!r}")
 
 
 def _is_conversational(prompt: Any) -> bool:
@@ -43,16 +112,21 @@ def _mean(values: list[float | None]) -> float:
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, task: EvalTask, config: RAMConfig
+    model: nn.Module,
+    tokenizer: Any,
+    task: EvalTask,
+    generation: GenerationSettings | None = None,
 ) -> dict[str, float]:
-    """``{"reward": mean summed reward, <func name>: mean reward of that function}``."""
+    """Generate a completion for every prompt of ``task`` and score it with the task's reward
+    functions: ``{"reward": mean summed reward, <func name>: mean reward of that function}``."""
+    config = generation or GenerationSettings()
     device = next(model.parameters()).device
     completions: list[Any] = []
     completion_ids: list[list[int]] = []
     with _eval_mode(model, tokenizer):
-        torch.manual_seed(config.eval_seed)
-        for start in range(0, len(task.prompts), config.eval_batch_size):
-            batch = task.prompts[start : start + config.eval_batch_size]
+        torch.manual_seed(config.seed)
+        for start in range(0, len(task.prompts), config.batch_size):
+            batch = task.prompts[start : start + config.batch_size]
             texts = [
                 tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                 if _is_conversational(p)
@@ -63,10 +137,10 @@ def evaluate(
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(
                 **enc,
-                max_new_tokens=config.eval_max_new_tokens,
-                do_sample=config.eval_do_sample,
-                temperature=config.eval_temperature if config.eval_do_sample else None,
-                top_p=config.eval_top_p if config.eval_do_sample else None,
+                max_new_tokens=config.max_new_tokens,
+                do_sample=config.do_sample,
+                temperature=config.temperature if config.do_sample else None,
+                top_p=config.top_p if config.do_sample else None,
                 pad_token_id=tokenizer.pad_token_id,
                 # only this rank generates: under ZeRO-3/FSDP transformers would otherwise
                 # all-reduce at every step with ranks that are waiting at the barrier
