@@ -9,7 +9,6 @@ turned into task vectors ``tau_t = theta_t - theta_base``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,11 @@ import numpy as np
 import torch
 
 from ram_trl.errors import InputError
+from ram_trl.io import check_name, read_rows
+from ram_trl.io import row_chunks as io_row_chunks
 
 #: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
 CHUNK_ELEMENTS = 1 << 22
-
-#: agent and merged-model names become folder names (fullmatch: no ".", "..", "a/b" or "a\n")
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class WeightSource(Protocol):
@@ -70,16 +68,6 @@ def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
 
         return ModelFolder(source)
     return source
-
-
-def check_name(name: str, what: str = "agent") -> str:
-    """Names become folder names (in stores, in merge records): keep them to a safe alphabet."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise InputError(
-            f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
-            "(up to 64 characters, starting with a letter or digit)"
-        )
-    return name
 
 
 def open_inputs(
@@ -160,25 +148,13 @@ def _few(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def row_chunks(shape: tuple[int, ...], chunk_elements: int | None = None) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` along dim 0 holding at most ``chunk_elements`` (default
-    ``CHUNK_ELEMENTS``) each, and at least one row. 0-dim tensors are one chunk."""
-    chunk_elements = chunk_elements or CHUNK_ELEMENTS
-    if len(shape) == 0:
-        return [(0, 1)]
-    rows = shape[0]
-    row_size = max(1, int(torch.Size(shape[1:]).numel()))
-    step = max(1, chunk_elements // row_size)
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The merge's row ranges of a tensor: ``CHUNK_ELEMENTS`` elements per input at most."""
+    return io_row_chunks(shape, CHUNK_ELEMENTS)
 
 
 def is_float_tensor(info: Any) -> bool:
     return info.dtype.is_floating_point
-
-
-def read_rows(source: WeightSource, name: str, start: int, stop: int) -> torch.Tensor:
-    shape = source.tensors[name].shape
-    return source.read(name) if len(shape) == 0 else source.read(name, start, stop)
 
 
 #: above this share of candidate elements a chunk is processed densely (gathers cost more)

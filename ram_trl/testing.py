@@ -17,14 +17,15 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ram_trl.io import parse_size
+from ram_trl.io import ModelFolder, ShardedWriter, TensorSpec, parse_size
+from ram_trl.io.checkpoint import INDEX_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -52,8 +53,6 @@ CHAT_TEMPLATE: str = (
 #: An element counts as changed when ``|agent - base| > CHANGE_THRESHOLD`` (compared in float32).
 CHANGE_THRESHOLD: float = 1e-5
 
-_INDEX_NAME = "model.safetensors.index.json"
-_SINGLE_NAME = "model.safetensors"
 _SMALL_MAGNITUDE = 1e-2  # floor on |w| when sizing a delta, so zero-initialised biases move too
 
 
@@ -193,79 +192,6 @@ class _Counts:
     unique: int = 0
 
 
-@dataclass
-class _ShardWriter:
-    """Collects one agent's tensors and writes them as safetensors shards.
-
-    With ``max_bytes=None`` the caller decides the file names (the base's layout is mirrored);
-    otherwise tensors are packed greedily, in order, into shards of at most ``max_bytes``.
-    """
-
-    out: Path
-    max_bytes: int | None
-    pending: dict[str, torch.Tensor] = field(default_factory=dict)
-    pending_bytes: int = 0
-    files: list[tuple[str, list[str]]] = field(default_factory=list)  # temp name -> tensor names
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if (
-            self.max_bytes is not None
-            and self.pending
-            and self.pending_bytes + size > self.max_bytes
-        ):
-            self.flush(f"shard-{len(self.files):05d}.tmp")
-        self.pending[name] = tensor
-        self.pending_bytes += size
-
-    def flush(self, filename: str) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.out / filename), metadata={"format": "pt"})
-        self.files.append((filename, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish_resharded(self) -> None:
-        """Rename the temporary shards to the Hugging Face names and write the index if needed."""
-        self.flush(f"shard-{len(self.files):05d}.tmp")
-        if len(self.files) == 1:
-            (self.out / self.files[0][0]).rename(self.out / _SINGLE_NAME)
-            return
-        total = len(self.files)
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        for i, (tmp, names) in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{total:05d}.safetensors"
-            (self.out / tmp).rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-            total_size += (self.out / final).stat().st_size
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (self.out / _INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _weight_files(base: Path) -> list[str]:
-    """Return the base's safetensors file names in index order (or the single file)."""
-    index = base / _INDEX_NAME
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
-    if (base / _SINGLE_NAME).is_file():
-        return [_SINGLE_NAME]
-    raise FileNotFoundError(f"{base} has neither {_SINGLE_NAME} nor {_INDEX_NAME}")
-
-
-def _iter_base_tensors(base: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield ``(file name, tensor name, tensor)`` one tensor at a time from the base checkpoint."""
-    from safetensors import safe_open
-
-    for filename in _weight_files(base):
-        with safe_open(str(base / filename), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                yield filename, name, f.get_tensor(name)
-
-
 def _generator(seed: int, name: str) -> torch.Generator:
     """A generator seeded by (seed, tensor name): results do not depend on the shard layout."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -364,17 +290,23 @@ def _prepare_agent_dir(path: Path) -> None:
     """Create ``path`` and drop weights left by an earlier run (its layout may have differed)."""
     path.mkdir(parents=True, exist_ok=True)
     for item in path.iterdir():
-        if item.is_file() and (item.suffix in (".safetensors", ".tmp") or item.name == _INDEX_NAME):
+        if item.is_file() and (item.suffix in (".safetensors", ".tmp") or item.name == INDEX_NAME):
             item.unlink()
 
 
-def _copy_non_weight_files(base: Path, dest: Path, *, keep_index: bool) -> None:
+def _agent_writer(path: Path, base: ModelFolder, max_shard_size: int | str | None) -> ShardedWriter:
+    """A writer of one agent: the base's files and layout, or shards of ``max_shard_size``."""
+    if max_shard_size is None:
+        return ShardedWriter.mirroring(path, base.layout())
+    specs = [TensorSpec(i.name, i.shape, i.dtype) for i in base.tensors.values()]
+    return ShardedWriter(path, specs, max_shard_bytes=parse_size(max_shard_size))
+
+
+def _copy_non_weight_files(base: Path, dest: Path) -> None:
+    """Config, generation config, tokenizer...: everything but the weights and their index."""
     for item in base.iterdir():
-        if not item.is_file() or item.suffix == ".safetensors":
-            continue
-        if item.name == _INDEX_NAME and not keep_index:
-            continue
-        shutil.copy2(item, dest / item.name)
+        if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_NAME:
+            shutil.copy2(item, dest / item.name)
 
 
 def _count(masks: list[torch.Tensor], counts: list[_Counts]) -> None:
@@ -418,7 +350,7 @@ def make_sparse_agents(
       in float32, then cast to the base's dtype; an element whose change would round away in that
       dtype (bf16) gets a larger delta, so the stored change is real.
 
-    The base is read one tensor at a time with ``safetensors.safe_open``. Agents keep the base's
+    The base is read one tensor at a time (``ram_trl.io.ModelFolder``). Agents keep the base's
     tensor names, dtypes and shard layout (``max_shard_size`` instead re-shards them, to test
     agents whose layout differs from the base's) and a copy of every non-weight file (config,
     generation config, tokenizer). Non-floating tensors are copied unchanged. Results depend only
@@ -438,37 +370,30 @@ def make_sparse_agents(
     paths = {name: out_dir / name for name in names}
     for p in paths.values():
         _prepare_agent_dir(p)
-    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    writers = [_ShardWriter(paths[n], max_bytes) for n in names]
     counts = [_Counts() for _ in names]
     numel_total = 0
-    current_file: str | None = None
-
-    for filename, name, tensor in _iter_base_tensors(base_path):
-        if max_bytes is None and current_file not in (None, filename):
-            for w in writers:
-                w.flush(current_file)
-        current_file = filename
-        numel_total += tensor.numel()
-        if tensor.is_floating_point() and tensor.numel() > 0:
-            gen = _generator(seed, name)
-            positions = _choose_positions(tensor.numel(), densities, overlap, gen)
-            agent_tensors = [_perturb(tensor, pos, scale, gen) for pos in positions]
-        else:
-            agent_tensors = [tensor] * len(names)
-        base32 = tensor.to(torch.float32)
-        masks = [((t.to(torch.float32) - base32).abs() > CHANGE_THRESHOLD) for t in agent_tensors]
-        _count([m.reshape(-1) for m in masks], counts)
-        for w, t in zip(writers, agent_tensors, strict=True):
-            w.add(name, t.contiguous())
-
-    for w in writers:
-        if max_bytes is None:
-            w.flush(current_file or _SINGLE_NAME)
-        else:
-            w.finish_resharded()
+    with ModelFolder(base_path) as base:
+        writers = [_agent_writer(paths[n], base, max_shard_size) for n in names]
+        for name in base.tensors:
+            tensor = base.read(name)
+            numel_total += tensor.numel()
+            if tensor.is_floating_point() and tensor.numel() > 0:
+                gen = _generator(seed, name)
+                positions = _choose_positions(tensor.numel(), densities, overlap, gen)
+                agent_tensors = [_perturb(tensor, pos, scale, gen) for pos in positions]
+            else:
+                agent_tensors = [tensor] * len(names)
+            base32 = tensor.to(torch.float32)
+            masks = [
+                ((t.to(torch.float32) - base32).abs() > CHANGE_THRESHOLD) for t in agent_tensors
+            ]
+            _count([m.reshape(-1) for m in masks], counts)
+            for w, t in zip(writers, agent_tensors, strict=True):
+                w.write(name, t)
+        for w in writers:
+            w.close()
     for p in paths.values():
-        _copy_non_weight_files(base_path, p, keep_index=max_bytes is None)
+        _copy_non_weight_files(base_path, p)
     _write_report(out_dir, base_path, names, densities, counts, numel_total, overlap, scale, seed)
     return paths
 

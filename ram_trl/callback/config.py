@@ -78,7 +78,7 @@ class RAMConfig:
     eval_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from ram_trl.inputs import check_name
+        from ram_trl.io import check_name
         from ram_trl.methods import get_method
 
         self.store, self.agent = str(self.store), check_name(str(self.agent))

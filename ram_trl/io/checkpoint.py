@@ -1,4 +1,4 @@
-"""Lazy, streaming access to Hugging Face safetensors checkpoints.
+"""The one safetensors reader: lazy, streaming access to Hugging Face checkpoint folders.
 
 Headers are parsed directly (8-byte little-endian length, then JSON), so listing a 70B model reads
 a few kilobytes. Rows are read through a private memory map of each file: a read is a zero-copy
@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,8 @@ from typing import Any
 import torch
 
 from ram_trl.errors import InputError
+from ram_trl.io.encoding import SAFETENSORS_DTYPES
 
-#: safetensors dtype codes <-> torch dtypes (the writer uses the inverse map).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers, and so do we
@@ -115,12 +104,12 @@ def _tensor_info(file: Path, name: str, entry: Any, data_start: int) -> TensorIn
         ok = False
     if not ok:
         raise InputError(f"{file}: malformed safetensors header entry for tensor {name!r}: {entry}")
-    if code not in DTYPES:
+    if code not in SAFETENSORS_DTYPES:
         raise InputError(
             f"{file}: tensor {name!r} has dtype {code!r}, which ram-trl does not support "
-            f"(supported: {', '.join(DTYPES)})"
+            f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
         )
-    info = TensorInfo(name, tuple(shape), DTYPES[code], file, data_start + begin)
+    info = TensorInfo(name, tuple(shape), SAFETENSORS_DTYPES[code], file, data_start + begin)
     if end - begin != info.nbytes:
         raise InputError(
             f"{file}: malformed safetensors header: tensor {name!r} of shape {info.shape} and "
@@ -185,7 +174,9 @@ class ModelFolder:
     read itself, so clone before computing in place.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, files: Sequence[str] | None = None) -> None:
+        """``files``: read only these safetensors files of the folder (an adapter's
+        ``adapter_model.safetensors``, say) instead of the model's weights."""
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"{self.path}: no such model folder")
@@ -193,9 +184,14 @@ class ModelFolder:
             raise InputError(f"{self.path}: not a folder (pass the folder that holds the weights)")
         self.config: dict | None = load_config(self.path)
         index = self.path / INDEX_NAME
-        weight_map = _read_index(index) if index.is_file() else None
+        weight_map = _read_index(index) if index.is_file() and files is None else None
+        paths = (
+            _weight_files(self.path, weight_map)
+            if files is None
+            else [self.path / f for f in files]
+        )
         found: dict[str, TensorInfo] = {}
-        for file in _weight_files(self.path, weight_map):
+        for file in paths:
             for name, info in read_header(file).items():
                 if name in found:
                     raise InputError(
@@ -212,6 +208,14 @@ class ModelFolder:
         order = sorted(found.values(), key=lambda i: (i.file.name, i.offset))
         self.tensors: dict[str, TensorInfo] = {i.name: i for i in order}
         self._maps: dict[Path, mmap.mmap] = {}
+
+    def layout(self) -> dict[str, list[TensorSpec]]:
+        """File name -> the tensors it holds, in on-disk order (what
+        ``ShardedWriter.mirroring`` takes to write a checkpoint laid out like this one)."""
+        files: dict[str, list[TensorSpec]] = {}
+        for info in self.tensors.values():
+            files.setdefault(info.file.name, []).append(info)
+        return files
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start:stop)`` of tensor ``name`` along dim 0, in the stored dtype.

@@ -1,31 +1,37 @@
-"""Streaming, atomic output of ``save_pretrained``-style safetensors checkpoints.
+"""The one safetensors writer: tensors streamed into ``save_pretrained``-style shards.
 
-Every tensor's shape and dtype is known before the first byte is merged, so each shard's header
-can be written up front and rows appended as they are computed: memory stays at one chunk however
-large the model. The output folder appears (by rename) only once it is complete.
+Nothing is ever gathered per shard. Each shard file starts with room for its JSON header, the
+tensor bytes are appended as they come (row chunk by row chunk), and the header is filled in
+when the shard is closed. The room is exact when every tensor is declared up front (a merge
+output, theta_0, test agents: :class:`ShardedWriter`), and an upper bound computed from the names
+that may come when sizes are known only as the tensors arrive (task-vector snapshots, whose sparse
+entries are sized while they are extracted: :meth:`ShardedWriter.appending`). Either way memory
+stays at one chunk however large the model.
+
+Files are written where they are asked to be; publishing a folder atomically is
+:func:`ram_trl.io.atomic.atomic_directory`'s job.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
-from ram_trl.errors import InputError, OutputExistsError
-from ram_trl.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec
+from ram_trl.errors import InputError
+from ram_trl.io.checkpoint import INDEX_NAME, TensorSpec
+from ram_trl.io.encoding import SAFETENSORS_DTYPES, raw_bytes, safetensors_code
 
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _UNITS |= {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SUPPORTED = frozenset(SAFETENSORS_DTYPES.values())
 
 #: Files besides the weights that make an output folder loadable with ``from_pretrained``.
 MODEL_FILES = (
@@ -42,6 +48,9 @@ MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+#: how many bytes to buffer before asking the disk to start writing them back
+_WRITEBACK_BYTES = 64 << 20
 
 
 def parse_size(size: str | int) -> int:
@@ -61,87 +70,169 @@ def parse_size(size: str | int) -> int:
     return value
 
 
+def _opens_new_shard(used: int, nbytes: int, max_shard_bytes: int) -> bool:
+    """The shard rule, like ``save_pretrained``'s: a tensor (or a group of tensors that must stay
+    together) starts a new shard when it would push a non-empty one past the limit, so a tensor
+    larger than the limit gets a shard of its own."""
+    return used > 0 and used + nbytes > max_shard_bytes
+
+
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split ``specs`` in order into shards of at most ``max_shard_bytes`` (like
-    ``save_pretrained``: a tensor larger than the limit gets a shard of its own)."""
+    """Split ``specs`` in order into shards of at most ``max_shard_bytes`` (see the shard rule)."""
     shards: list[list[TensorSpec]] = []
-    size = 0
+    used = 0
     for spec in specs:
-        if not shards or (shards[-1] and size + spec.nbytes > max_shard_bytes):
+        if not shards or (shards[-1] and _opens_new_shard(used, spec.nbytes, max_shard_bytes)):
             shards.append([])
-            size = 0
+            used = 0
         shards[-1].append(spec)
-        size += spec.nbytes
+        used += spec.nbytes
     return shards
 
 
-def _shard_names(count: int) -> list[str]:
+def shard_names(count: int, basename: str = "model") -> list[str]:
+    """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` for several shards."""
     if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        return [f"{basename}.safetensors"]
+    return [f"{basename}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
-    """A safetensors header: 8-byte length, then JSON padded with spaces to a multiple of 8."""
-    entries: dict[str, object] = {"__metadata__": metadata}
+def _header_json(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for spec in specs:
         entries[spec.name] = {
-            "dtype": _CODES[spec.dtype],
+            "dtype": safetensors_code(spec.dtype),
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
         offset += spec.nbytes
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    return json.dumps(entries, separators=(",", ":")).encode()
 
 
-#: how many bytes to buffer before asking the disk to start writing them back
-_WRITEBACK_BYTES = 64 << 20
+def header_bound(keys: Iterable[tuple[str, int]]) -> int:
+    """Room enough for the header of a file holding any subset of ``keys`` (name, number of
+    dimensions) with ``{"format": "pt"}`` metadata, a multiple of 8 bytes."""
+    big = 10**20  # more digits than any shape or offset
+    total = len(json.dumps({"__metadata__": {"format": "pt"}}))
+    for key, ndim in keys:
+        entry = {"dtype": "F8_E4M3", "shape": [big] * ndim, "data_offsets": [big, big]}
+        total += len(json.dumps({key: entry}, separators=(",", ":")))
+    return (total + 7) // 8 * 8
+
+
+@dataclass
+class _Shard:
+    """One output file: what it holds (in order), the room kept for its header, its handle."""
+
+    path: Path
+    room: int
+    specs: list[TensorSpec] = field(default_factory=list)
+    file: BinaryIO | None = None
+    used: int = 0  # data bytes written
 
 
 class ShardedWriter:
-    """Streams tensors, in an order fixed up front, into save_pretrained-style safetensors shards.
+    """Streams tensors into safetensors shards (``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``).
 
-    Call :meth:`write` with consecutive row chunks of each tensor, tensors in ``specs`` order, then
-    :meth:`close`. Mistakes in that protocol are programming errors and raise ``ValueError``.
-    Used as a context manager, ``close`` runs on success; on an exception the files are only
-    closed, and the half-written folder is left to :func:`atomic_directory` to remove.
+    Declared up front (the constructor: ``specs`` in write order), tensors are written with
+    :meth:`write`, consecutive row chunks of each tensor in ``specs`` order; zero-byte tensors may
+    be skipped. Otherwise (:meth:`appending`) whole groups of tensors come with
+    :meth:`write_group` and the shards are cut as they come. Then :meth:`close`. Mistakes in that
+    protocol are programming errors and raise ``ValueError``. Used as a context manager,
+    ``close`` runs on success; on an exception the files are only closed, and the half-written
+    folder is left to :func:`~ram_trl.io.atomic.atomic_directory` to remove.
     """
 
     def __init__(
         self,
-        directory: Path,
+        directory: str | os.PathLike,
         specs: Sequence[TensorSpec],
         *,
         max_shard_bytes: int = parse_size("5GB"),
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        basename: str = "model",
+    ) -> None:
+        plan = plan_shards(list(specs), max_shard_bytes) or [[]]
+        names = shard_names(len(plan), basename)
+        self._setup(directory, metadata, basename, index=True)
+        self._declare(dict(zip(names, plan, strict=True)))
+
+    @classmethod
+    def mirroring(
+        cls, directory: str | os.PathLike, layout: Mapping[str, Sequence[TensorSpec]]
+    ) -> ShardedWriter:
+        """A writer of the files ``layout`` names (file name -> its tensors, in order), e.g. those
+        of an existing checkpoint (``ModelFolder.layout()``): same files, same tensors in each."""
+        writer = cls.__new__(cls)
+        writer._setup(directory, None, "model", index=True)
+        writer._declare({name: list(specs) for name, specs in layout.items()} or {})
+        return writer
+
+    @classmethod
+    def appending(
+        cls,
+        directory: str | os.PathLike,
+        keys: Iterable[tuple[str, int]],
+        *,
+        max_shard_bytes: int,
+        basename: str,
+        index: bool = False,
+    ) -> ShardedWriter:
+        """A writer of tensors whose sizes are known only as they come, among ``keys`` (name,
+        number of dimensions). Each shard keeps :func:`header_bound` bytes for its header; shards
+        are written under temporary names and get their final ones at :meth:`close`."""
+        writer = cls.__new__(cls)
+        writer._setup(directory, None, basename, index=index)
+        writer._room = header_bound(keys)
+        writer._max_shard_bytes = max_shard_bytes
+        return writer
+
+    def _setup(
+        self,
+        directory: str | os.PathLike,
+        metadata: Mapping[str, str] | None,
+        basename: str,
+        *,
+        index: bool,
     ) -> None:
         self.directory = Path(directory)
-        self.specs = list(specs)
-        names = [s.name for s in self.specs]
-        if len(set(names)) != len(names):
-            raise ValueError("ShardedWriter: duplicate tensor names in specs")
-        unsupported = [s for s in self.specs if s.dtype not in _CODES]
-        if unsupported:
-            raise ValueError(f"ShardedWriter: unsupported dtype {unsupported[0]}")
         meta = {"format": "pt", **(metadata or {})}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise ValueError("ShardedWriter: metadata keys and values must be strings")
         self._metadata = meta
-        self._shards = plan_shards(self.specs, max_shard_bytes) or [[]]
-        self.files = [self.directory / n for n in _shard_names(len(self._shards))]
-        self._queue = [(shard, spec) for shard, specs in enumerate(self._shards) for spec in specs]
+        self._basename = basename
+        self._index = index
+        self._shards: list[_Shard] = []
+        self._queue: list[tuple[int, TensorSpec]] | None = None  # declared tensors, in order
         self._next = 0  # index in _queue of the tensor being written
         self._done = 0  # bytes of it written so far
-        self._shard = -1  # last shard started (its file is open until the next one starts)
-        self._file: BinaryIO | None = None
+        self._open = -1  # the shard whose file is open (earlier ones are finished)
         self._closed = False
         self._unflushed = 0  # bytes written since the disk last got some to write back
+        self.files: list[Path] = []
+
+    def _declare(self, layout: Mapping[str, list[TensorSpec]]) -> None:
+        specs = [spec for shard in layout.values() for spec in shard]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("ShardedWriter: duplicate tensor names in specs")
+        unsupported = [s for s in specs if s.dtype not in _SUPPORTED]
+        if unsupported:
+            raise ValueError(f"ShardedWriter: unsupported dtype {unsupported[0].dtype}")
+        for name, shard_specs in layout.items():
+            room = len(_header_json(shard_specs, self._metadata))
+            self._shards.append(_Shard(self.directory / name, room + (-room % 8), shard_specs))
+        self.files = [shard.path for shard in self._shards]
+        self._queue = [(k, spec) for k, shard in enumerate(self._shards) for spec in shard.specs]
+
+    # -- declared tensors, row chunk by row chunk ------------------------------------------
 
     def write(self, name: str, rows: torch.Tensor) -> None:
         """Append the next rows (along dim 0) of tensor ``name``; a 0-dim tensor comes whole."""
+        if self._queue is None:
+            raise ValueError("ShardedWriter: an appending writer takes write_group()")
         self._skip_finished(name)
         if self._next == len(self._queue) or self._queue[self._next][1].name != name:
             expected = self._queue[self._next][1].name if self._next < len(self._queue) else None
@@ -160,25 +251,13 @@ class ShardedWriter:
                 f"{spec.shape} ({self._done} of {spec.nbytes} bytes already written)"
             )
         self._open_through(shard)
-        assert self._file is not None
-        self._file.write(data.numpy())
+        self._append(data.numpy())
         self._done += data.numel()
-        self._unflushed += data.numel()
-        if self._unflushed >= _WRITEBACK_BYTES:
-            self._start_writeback()
-
-    def _start_writeback(self) -> None:
-        """Hand written pages to the disk now, without waiting: the final fsync then finds little
-        left to do, and disk writes overlap merging instead of following it."""
-        assert self._file is not None
-        self._file.flush()
-        if hasattr(os, "posix_fadvise"):  # starts writeback of dirty pages (Linux)
-            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        self._unflushed = 0
 
     def _skip_finished(self, name: str | None = None) -> None:
         """Move past complete tensors, stopping at a zero-byte one named ``name``. Zero-byte
         tensors need no write, so a caller may skip them."""
+        assert self._queue is not None
         while self._next < len(self._queue):
             spec = self._queue[self._next][1]
             if self._done < spec.nbytes or (spec.nbytes == 0 and spec.name == name):
@@ -186,47 +265,123 @@ class ShardedWriter:
             self._next, self._done = self._next + 1, 0
 
     def _open_through(self, shard: int) -> None:
-        """Finish the open shard file and start every later one up to ``shard``, header first."""
-        while self._shard < shard:
-            self._finish_file()
-            self._shard += 1
-            self._file = open(self.files[self._shard], "wb")  # noqa: SIM115 - spans write()s
-            self._file.write(_header(self._shards[self._shard], self._metadata))
+        """Finish the open shard and start every later one up to ``shard``."""
+        while self._open < shard:
+            self._finish_open()
+            self._open += 1
+            current = self._shards[self._open]
+            current.file = open(current.path, "wb")  # noqa: SIM115 - spans write()s
+            current.file.seek(8 + current.room)
 
-    def _finish_file(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+    # -- tensors sized as they come ----------------------------------------------------------
+
+    def write_group(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Append whole tensors that must land in one shard (an appending writer); returns that
+        shard's number (``files[number]`` once closed)."""
+        if self._queue is not None:
+            raise ValueError("ShardedWriter: a writer of declared tensors takes write()")
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        current = self._shards[-1] if self._shards else None
+        if current is None or _opens_new_shard(current.used, size, self._max_shard_bytes):
+            self._finish_open()
+            part = self.directory / f"{self._basename}-part-{len(self._shards) + 1:05d}.tmp"
+            current = _Shard(part, self._room)
+            self._shards.append(current)
+            self._open = len(self._shards) - 1
+            current.file = open(part, "wb")  # noqa: SIM115 - spans write_group()s
+            current.file.seek(8 + current.room)
+        for key, tensor in tensors.items():
+            data = raw_bytes(tensor)
+            self._append(data)
+            current.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
+        return len(self._shards) - 1
+
+    # -- both ---------------------------------------------------------------------------------
+
+    def _append(self, data: Any) -> None:
+        shard = self._shards[self._open]
+        assert shard.file is not None
+        shard.file.write(data)
+        shard.used += data.nbytes
+        self._unflushed += data.nbytes
+        if self._unflushed >= _WRITEBACK_BYTES:
+            self._start_writeback(shard.file)
+
+    def _start_writeback(self, file: BinaryIO) -> None:
+        """Hand written pages to the disk now, without waiting: the final fsync then finds little
+        left to do, and disk writes overlap merging instead of following it."""
+        file.flush()
+        if hasattr(os, "posix_fadvise"):  # starts writeback of dirty pages (Linux)
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._unflushed = 0
+
+    def _finish_open(self) -> None:
+        """Fill in the open shard's header, flush it to disk and close it."""
+        if not 0 <= self._open < len(self._shards):
+            return
+        shard = self._shards[self._open]
+        if shard.file is None:
+            return
+        header = _header_json(shard.specs, self._metadata)
+        if len(header) > shard.room:  # pragma: no cover - the room is exact or a bound
+            raise AssertionError("safetensors header exceeds the room kept for it")
+        shard.file.seek(0)
+        shard.file.write(shard.room.to_bytes(8, "little") + header.ljust(shard.room, b" "))
+        shard.file.flush()
+        os.fsync(shard.file.fileno())
+        shard.file.close()
+        shard.file = None
 
     def close(self) -> list[Path]:
-        """Check that every byte was written, flush everything to disk and write the index (when
-        there are several shards). Returns the files written: shards, then the index."""
+        """Check that every byte was written, flush everything to disk, name the shards and write
+        the index (when there are several). Returns the files written: shards, then the index."""
         if self._closed:
             return self._written()
-        self._skip_finished()
-        if self._next < len(self._queue):
-            spec = self._queue[self._next][1]
-            raise ValueError(
-                f"ShardedWriter: tensor {spec.name!r} is incomplete ({self._done} of "
-                f"{spec.nbytes} bytes written)"
-            )
-        self._open_through(len(self._shards) - 1)  # shards holding only empty tensors
-        self._finish_file()
-        if len(self.files) > 1:
-            weight_map = {spec.name: self.files[shard].name for shard, spec in self._queue}
-            total = sum(spec.nbytes for spec in self.specs)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            with open(self.directory / INDEX_NAME, "w", encoding="utf-8") as f:
-                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+        if self._queue is not None:
+            self._skip_finished()
+            if self._next < len(self._queue):
+                spec = self._queue[self._next][1]
+                raise ValueError(
+                    f"ShardedWriter: tensor {spec.name!r} is incomplete ({self._done} of "
+                    f"{spec.nbytes} bytes written)"
+                )
+            self._open_through(len(self._shards) - 1)  # shards holding only empty tensors
+            self._finish_open()
+        else:
+            self._finish_open()
+            names = shard_names(len(self._shards), self._basename)
+            for shard, name in zip(self._shards, names, strict=True):
+                os.replace(shard.path, self.directory / name)
+                shard.path = self.directory / name
+            self.files = [shard.path for shard in self._shards]
+        if self._index and len(self.files) > 1:
+            self._write_index()
         self._closed = True
         return self._written()
 
+    def _write_index(self) -> None:
+        weight_map = {spec.name: s.path.name for s in self._shards for spec in s.specs}
+        total = sum(spec.nbytes for s in self._shards for spec in s.specs)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(self.directory / self._index_name, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @property
+    def _index_name(self) -> str:
+        return INDEX_NAME.replace("model", self._basename, 1)
+
     def _written(self) -> list[Path]:
-        return self.files + ([self.directory / INDEX_NAME] if len(self.files) > 1 else [])
+        index = self._index and len(self.files) > 1
+        return self.files + ([self.directory / self._index_name] if index else [])
+
+    def abort(self) -> None:
+        """Close the open file, if any, without finishing it."""
+        for shard in self._shards:
+            if shard.file is not None:
+                shard.file.close()
+                shard.file = None
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -234,84 +389,8 @@ class ShardedWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (renames, new files), to disk. POSIX only:
-    elsewhere folders cannot be opened, and the OS makes its own guarantees."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `final`; publish it there by rename only if the block
-    succeeds.
-
-    At every instant ``final`` is absent, the complete old folder or the complete new one: a crash
-    or an exception never leaves a half-written model where a user (or ``from_pretrained``) looks.
-    The temporary folder is a hidden sibling, so the rename stays on one filesystem.
-    """
-    final = Path(final)
-    if (final.exists() or final.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = final.parent / f".{final.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for path in [*tmp.rglob("*"), tmp]:  # all of it is on disk before it is published
-            if path.is_file() or path.is_dir():
-                fsync_path(path)
-        if not overwrite:
-            _publish_new(tmp, final)
-        elif final.exists() or final.is_symlink():
-            old = final.parent / f".{final.name}.old-{tag}"
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)
-                raise
-            fsync_path(final.parent)
-            _remove(old)
         else:
-            os.replace(tmp, final)
-            fsync_path(final.parent)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _publish_new(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final`` unless something is there: ``rename(2)`` refuses a non-empty
-    target, which settles a race between two writers; an empty one we must refuse ourselves."""
-    message = f"{final} appeared while writing; pass --overwrite to replace it"
-    if final.exists() or final.is_symlink():
-        raise OutputExistsError(message)
-    try:
-        os.rename(tmp, final)
-    except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-            raise OutputExistsError(message) from None
-        raise
-    fsync_path(final.parent)
+            self.abort()
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from ram_trl.snapshot.format import as_bytes, dtype_name
+from ram_trl.io import (
+    ModelFolder,
+    raw_bytes,
+    read_rows,
+    row_chunks,
+    safetensors_code,
+)
 
 CACHE_FILE = ".ram_trl_fingerprint.json"
 _VERSION = "ram-trl.fingerprint.v1"
@@ -50,7 +56,7 @@ def unique_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def _digest(items: Iterator[tuple[str, torch.dtype | str, tuple[int, ...], Iterator[Any]]]) -> str:
     h = hashlib.sha256(_VERSION.encode() + b"\n")
     for name, dtype, shape, chunks in items:
-        h.update(json.dumps([name, dtype_name(dtype), list(shape)]).encode() + b"\n")
+        h.update(json.dumps([name, safetensors_code(dtype), list(shape)]).encode() + b"\n")
         for chunk in chunks:
             h.update(chunk)
     return "sha256:" + h.hexdigest()
@@ -59,7 +65,7 @@ def _digest(items: Iterator[tuple[str, torch.dtype | str, tuple[int, ...], Itera
 def _tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
     flat = t.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
-        yield as_bytes(flat[start : start + _CHUNK_ELEMENTS])
+        yield raw_bytes(flat[start : start + _CHUNK_ELEMENTS])
 
 
 def fingerprint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -73,10 +79,8 @@ def fingerprint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _folder_chunks(folder: Any, name: str) -> Iterator[memoryview]:
-    from ram_trl.inputs import read_rows, row_chunks
-
     for start, stop in row_chunks(tuple(folder.tensors[name].shape), _CHUNK_ELEMENTS):
-        yield as_bytes(read_rows(folder, name, start, stop))
+        yield raw_bytes(read_rows(folder, name, start, stop))
 
 
 def _cache_key(path: Path) -> str:
@@ -91,8 +95,6 @@ def _cache_key(path: Path) -> str:
 def fingerprint_folder(folder: Any, *, cache: bool = True) -> str:
     """The fingerprint of a checkpoint folder (a path or an open ``ModelFolder``), read tensor by
     tensor in bounded chunks. Cached in the folder (silently skipped when it is read-only)."""
-    from ram_trl.io.checkpoint import ModelFolder
-
     owned = isinstance(folder, (str, os.PathLike))
     source = ModelFolder(folder) if owned else folder
     try:
@@ -130,10 +132,10 @@ def _read_cache(path: Path, key: str) -> str | None:
 def _write_cache(path: Path, key: str, fingerprint: str) -> None:
     _MEMO[(str(path.resolve()), key)] = fingerprint
     tmp = path / f"{CACHE_FILE}.{os.getpid()}.tmp"
-    try:
+    try:  # a cache: no fsync, and a read-only folder only loses it (the memo still helps)
         tmp.write_text(json.dumps({"version": _VERSION, "key": key, "fingerprint": fingerprint}))
         os.replace(tmp, path / CACHE_FILE)
-    except OSError:  # a read-only folder: the in-process memo still helps
+    except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 

@@ -10,10 +10,10 @@ A snapshot folder holds ``manifest.json`` and ``task_vector.safetensors`` (or, w
   number: with values, reconstruction is exact.
 * ``dense``: ``<name>``, the whole fine-tuned tensor with sub-epsilon elements reset to base.
 
-Files are written by :class:`StreamWriter` one tensor at a time: the safetensors header space is
-reserved up front (its size is bounded from the tensor names) and filled in at the end, so no
-shard is ever held in memory. They are ordinary safetensors files: ``safe_open`` or
-``ram_trl.io.ModelFolder`` read them like any checkpoint.
+Files are written one tensor at a time by an appending ``ram_trl.io.ShardedWriter`` (header room
+bounded from the tensor names, filled in at the end), so no shard is ever held in memory. They
+are ordinary safetensors files: ``safe_open`` or ``ram_trl.io.ModelFolder`` read them like any
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import fcntl
 import json
 import math
 import os
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,38 +29,16 @@ from typing import Any, Literal
 import torch
 
 from ram_trl.errors import InputError
-from ram_trl.io.checkpoint import DTYPES, ModelFolder, TensorInfo, read_header
+from ram_trl.io.atomic import write_synced
+from ram_trl.io.checkpoint import ModelFolder, TensorInfo, read_header
+from ram_trl.io.encoding import SAFETENSORS_DTYPES, safetensors_code
 
 FORMAT = "ram-trl.task-vector"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SINGLE_FILE = "task_vector.safetensors"
 LAYOUTS = ("unchanged", "sparse", "dense")
 Layout = Literal["unchanged", "sparse", "dense"]
-
-_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """The safetensors code (``"BF16"``) of a torch dtype; codes pass through."""
-    if isinstance(dtype, str):
-        if dtype in DTYPES:
-            return dtype
-        raise InputError(f"unsupported tensor dtype {dtype!r}")
-    if dtype not in _NAMES:
-        raise InputError(f"unsupported tensor dtype {dtype}")
-    return _NAMES[dtype]
-
-
-def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype_name(dtype)]
-
-
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor (any dtype, 0-d included), without copying
-    when it is already contiguous."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+BASENAME = "task_vector"  # task_vector.safetensors, task_vector-00001-of-0000N.safetensors
 
 
 def index_dtype_for(numel: int) -> str:
@@ -109,7 +85,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return SAFETENSORS_DTYPES[self.dtype]
 
     def keys(self) -> list[str]:
         if self.layout == "sparse":
@@ -182,7 +158,7 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         text = json.dumps(self.to_json(), indent=1) + "\n"
-        write_file_synced(directory / MANIFEST, text.encode())
+        write_synced(directory / MANIFEST, text.encode())
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> Manifest:
@@ -221,7 +197,7 @@ class Manifest:
             entry = TensorEntry(
                 name=name,
                 shape=tuple(int(d) for d in t["shape"]),
-                dtype=dtype_name(t["dtype"]),
+                dtype=safetensors_code(t["dtype"]),
                 layout=layout,
                 nnz=int(t["nnz"]),
                 file=t.get("file"),
@@ -254,104 +230,6 @@ def _check_entry(e: TensorEntry) -> None:
         raise InputError(f"{where}: missing or invalid 'file' {e.file!r}")
     if e.layout == "sparse" and e.index_dtype not in ("I32", "I64"):
         raise InputError(f"{where}: sparse entries need index_dtype I32 or I64")
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _header_bound(keys: Iterable[tuple[str, int]]) -> int:
-    """An upper bound on the JSON header of a file holding any subset of ``keys`` (key, ndim)."""
-    big = 10**20  # more digits than any shape or offset
-    total = len(json.dumps({"__metadata__": {"format": "pt"}}))
-    for key, ndim in keys:
-        entry = {"dtype": "F8_E4M3", "shape": [big] * ndim, "data_offsets": [big, big]}
-        total += len(json.dumps({key: entry}, separators=(",", ":")))
-    return (total + 7) // 8 * 8
-
-
-class StreamWriter:
-    """Writes safetensors shards tensor by tensor, holding none of them.
-
-    Each shard starts with ``reserve`` bytes of header space (an upper bound computed from every
-    key the snapshot might contain); the real header is written there, padded with spaces as
-    the safetensors format allows, when the shard is closed. A new shard starts when the next
-    tensor group would push the current one past ``max_shard_bytes``.
-    """
-
-    def __init__(self, directory: Path, keys: Iterable[tuple[str, int]], max_shard_bytes: int):
-        self.directory = directory
-        self.reserve = _header_bound(keys)
-        self.max_shard_bytes = max_shard_bytes
-        self.parts: list[str] = []
-        self._file: Any = None
-        self._header: dict[str, Any] = {}
-        self._offset = 0
-
-    def write_group(self, tensors: dict[str, torch.Tensor]) -> str:
-        """Write tensors that must land in the same file; return that file's (temporary) name."""
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._file is None or (self._offset and self._offset + size > self.max_shard_bytes):
-            self._open_part()
-        for key, tensor in tensors.items():
-            data = as_bytes(tensor)
-            self._file.write(data)
-            end = self._offset + data.nbytes
-            self._header[key] = {
-                "dtype": dtype_name(tensor.dtype),
-                "shape": list(tensor.shape),
-                "data_offsets": [self._offset, end],
-            }
-            self._offset = end
-        return self.parts[-1]
-
-    def _open_part(self) -> None:
-        self._close_part()
-        name = f"part-{len(self.parts) + 1:05d}.tmp"
-        self.parts.append(name)
-        self._file = open(self.directory / name, "wb")  # noqa: SIM115 - closed in _close_part
-        self._file.seek(8 + self.reserve)
-        self._header, self._offset = {}, 0
-
-    def _close_part(self) -> None:
-        if self._file is None:
-            return
-        header = json.dumps(
-            {"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")
-        ).encode()
-        if len(header) > self.reserve:  # pragma: no cover - the bound is exact
-            raise AssertionError("safetensors header exceeds the reserved space")
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-
-    def finish(self) -> dict[str, str]:
-        """Close the last shard and give the shards their final names; returns temp -> final."""
-        self._close_part()
-        n = len(self.parts)
-        final = {
-            part: SINGLE_FILE if n == 1 else f"task_vector-{i:05d}-of-{n:05d}.safetensors"
-            for i, part in enumerate(self.parts, start=1)
-        }
-        for part, name in final.items():
-            os.replace(self.directory / part, self.directory / name)
-        return final
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,9 +330,10 @@ def _expect(
     info = header.get(key)
     if info is None:
         raise InputError(f"{where}: the file lacks {key!r}")
-    if dtype_name(info.dtype) != dtype or info.shape != shape:
+    stored = safetensors_code(info.dtype)
+    if stored != dtype or info.shape != shape:
         raise InputError(
-            f"{where}: {key!r} is {dtype_name(info.dtype)} {list(info.shape)} in the file but the "
+            f"{where}: {key!r} is {stored} {list(info.shape)} in the file but the "
             f"manifest says {dtype} {list(shape)} (nnz mismatch or corruption)"
         )
 

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from ram_trl.errors import InputError
-from ram_trl.inputs import read_rows
-from ram_trl.io.checkpoint import ModelFolder, TensorSpec
+from ram_trl.io import ModelFolder, TensorSpec, read_rows
 from ram_trl.snapshot.fingerprint import fingerprint_folder
 from ram_trl.snapshot.format import (
     Layout,

@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
-from ram_trl.inputs import SAFE_NAME, check_name
-from ram_trl.io.writer import fsync_path
+from ram_trl.io import SAFE_NAME, check_name, fsync_path, replace_file
 from ram_trl.snapshot.format import MANIFEST, Manifest, lock_entry, validate
 
 STORE_FILE = "store.json"
@@ -162,13 +161,7 @@ class SnapshotStore:
         return info
 
     def _write_info(self, info: dict[str, Any]) -> None:
-        tmp = self.root / f".{STORE_FILE}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(info, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / STORE_FILE)
-        fsync_path(self.root)
+        replace_file(self.root / STORE_FILE, (json.dumps(info, indent=1) + "\n").encode())
 
     @property
     def base_fingerprint(self) -> str | None:

@@ -27,21 +27,27 @@ import numpy as np
 import torch
 
 from ram_trl.errors import InputError
-from ram_trl.inputs import read_rows, row_chunks
-from ram_trl.io.checkpoint import ModelFolder
-from ram_trl.io.writer import atomic_directory, fsync_path, parse_size
+from ram_trl.io import (
+    ModelFolder,
+    ShardedWriter,
+    atomic_directory,
+    fsync_path,
+    parse_size,
+    read_rows,
+    row_chunks,
+    safetensors_code,
+    torch_dtype,
+)
 from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_state_dict, unique_tensors
 from ram_trl.snapshot.format import (
+    BASENAME,
     Layout,
     Manifest,
-    StreamWriter,
     TensorEntry,
     check_sorted,
-    dtype_name,
     index_dtype_for,
     indices_key,
     snapshot_files,
-    torch_dtype,
     validate,
     values_key,
 )
@@ -259,26 +265,29 @@ def _write(
     keys = []
     for name, info in base.tensors.items():
         keys += [(indices_key(name), 1), (values_key(name), 1), (name, len(info.shape))]
-    writer = StreamWriter(directory, keys, parse_size(max_shard_size))
+    writer = ShardedWriter.appending(
+        directory, keys, max_shard_bytes=parse_size(max_shard_size), basename=BASENAME
+    )
     entries: dict[str, TensorEntry] = {}
-    try:
+    shards: dict[str, int] = {}  # tensor -> the shard holding its data, named once all are written
+    with writer:
         for name, d in deltas:
-            entry = TensorEntry(name, d.shape, dtype_name(d.dtype), d.layout, d.nnz)
+            entry = TensorEntry(name, d.shape, safetensors_code(d.dtype), d.layout, d.nnz)
             if d.layout == "sparse":
                 assert d.indices is not None and d.values is not None
                 group = {indices_key(name): d.indices, values_key(name): d.values}
-                entry = replace(entry, file=writer.write_group(group))
-                entry = replace(entry, index_dtype=dtype_name(d.indices.dtype))
+                shards[name] = writer.write_group(group)
+                entry = replace(entry, index_dtype=safetensors_code(d.indices.dtype))
             elif d.layout == "dense":
                 assert d.values is not None
-                entry = replace(entry, file=writer.write_group({name: d.values.reshape(d.shape)}))
+                shards[name] = writer.write_group({name: d.values.reshape(d.shape)})
             entries[name] = entry
             del d  # before the next tensor is extracted: one tensor's delta in memory at a time
-        final = writer.finish()
-    finally:
-        writer.abort()
-    entries = {n: replace(e, file=final[e.file]) if e.file else e for n, e in entries.items()}
-    manifest = replace(meta, tensors=entries, files=list(final.values()))
+    files = [path.name for path in writer.files]
+    entries = {
+        n: replace(e, file=files[shards[n]]) if n in shards else e for n, e in entries.items()
+    }
+    manifest = replace(meta, tensors=entries, files=files)
     manifest.write(directory)
     fsync_path(directory)
     return manifest
@@ -455,7 +464,7 @@ class TaskVector:
     def manifest(self) -> Manifest:
         """The metadata (without file names, which exist only once saved)."""
         entries = {
-            n: TensorEntry(n, d.shape, dtype_name(d.dtype), d.layout, d.nnz)
+            n: TensorEntry(n, d.shape, safetensors_code(d.dtype), d.layout, d.nnz)
             for n, d in self.deltas.items()
         }
         return Manifest(
