@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "merge": "ram_trl.engine",
+    "merge": "ram_trl.merging.engine",
     "probe": "ram_trl.probe",
-    "MergeConfig": "ram_trl.config",
+    "MergeConfig": "ram_trl.merging.config",
     "RAMError": "ram_trl.errors",
     "InputError": "ram_trl.errors",
     "RAMCallback": "ram_trl.callback.callback",
@@ -27,10 +27,10 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.callback.callback import RAMCallback, attach
     from ram_trl.callback.config import RAMConfig
-    from ram_trl.config import MergeConfig
-    from ram_trl.engine import merge
     from ram_trl.errors import InputError, RAMError
     from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
+    from ram_trl.merging.config import MergeConfig
+    from ram_trl.merging.engine import merge
     from ram_trl.probe import probe
 
 __all__ = [

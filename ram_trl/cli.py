@@ -108,8 +108,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace):
-    from ram_trl.config import MergeConfig
     from ram_trl.errors import InputError
+    from ram_trl.merging.config import MergeConfig
 
     config = MergeConfig.from_yaml(args.recipe) if args.recipe else None
     store = getattr(args, "store", None) or (config.store if config else None)
@@ -194,7 +194,7 @@ def _print_agents(report) -> None:
         shared = a.shared / max(1, a.changed)
         print(
             f"{a.name:12} {a.changed_fraction:9.2%} {unique:9.2%} {shared:9.2%} "
-            f"{rho:>8} {a.lam:8.4f}"
+            f"{rho:>8} {a.lambda_:8.4f}"
         )
 
 

@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 
-from ram_trl.engine import AgentStats, agent_stats, count_overlaps, resolve_device
-from ram_trl.inputs import WeightSource, open_inputs
-from ram_trl.methods import get_method
+from ram_trl.io import WeightSource
+from ram_trl.merging.chunks import resolve_device
+from ram_trl.merging.counting import agent_stats, count_overlaps
+from ram_trl.merging.inputs import open_inputs
+from ram_trl.merging.report import AgentStats
+from ram_trl.methods import CHANGE_EPSILON, get_method
 
 KINDS = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
 _LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -76,9 +79,9 @@ class ProbeReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for agent, stats in zip(data["agents"], self.agents, strict=True):
-            agent["changed_fraction"] = stats.changed_fraction
-            agent["overlap_share"] = _shares(stats.overlap)
+        data["agents"] = [
+            {**stats.to_dict(), "overlap_share": _shares(stats.overlap)} for stats in self.agents
+        ]
         return data
 
     def save_json(self, path: str | Path) -> None:
@@ -100,14 +103,18 @@ def probe(
     """Count changed, unique and shared elements of every agent, as RAM sees them."""
     spec = get_method(method)
     params_obj = spec.make_params(params)
-    epsilon = getattr(params_obj, "epsilon", 1e-5)
+    epsilon = spec.change_epsilon(params_obj)
     with open_inputs(base, agents) as inputs:
-        histograms = count_overlaps(
-            inputs, epsilon, device=resolve_device(device), progress=progress, desc="probing"
+        counts = count_overlaps(
+            inputs,
+            CHANGE_EPSILON if epsilon is None else epsilon,
+            device=resolve_device(device),
+            progress=progress,
+            desc="probing",
         )
         by_kind: dict[str, Breakdown] = {}
         by_layer: dict[str, Breakdown] = {}
-        for name, hist in histograms.items():
+        for name, hist in counts.tensors.items():
             elements = inputs.base.tensors[name].numel
             by_kind.setdefault(module_kind(name), Breakdown()).add(hist, elements)
             layer = layer_index(name)
@@ -118,7 +125,7 @@ def probe(
             base=str(inputs.base.path),
             method=spec.name,
             params=dataclasses.asdict(params_obj),
-            agents=agent_stats(inputs, spec, params_obj, histograms),
+            agents=agent_stats(inputs, counts, spec.prepare_model(params_obj, counts)),
             by_kind={k: by_kind[k] for k in KINDS if k in by_kind},
             by_layer=dict(sorted(by_layer.items(), key=lambda kv: _layer_key(kv[0]))),
         )
@@ -142,7 +149,7 @@ def format_table(report: ProbeReport) -> str:
             f"{100 * a.changed_fraction:.2f}%",
             *[f"{100 * s:.1f}%" for s in _shares(a.overlap)],
             "-" if a.rho is None else f"{a.rho:.3g}",
-            f"{a.lam:.4f}",
+            f"{a.lambda_:.4f}",
         ]
         for a in report.agents
     ]

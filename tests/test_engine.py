@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ram_trl
-from ram_trl import inputs as inputs_module
 from ram_trl.cli import main
 from ram_trl.errors import InputError
+from ram_trl.merging import chunks as inputs_module
 from ram_trl.methods import ChunkContext, change_mask, get_method, overlap_histogram
-from ram_trl.methods.baselines import trim_count
+from ram_trl.methods.magnitude import trim_count
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,11 +46,11 @@ def reference_merge(base_dir: Path, agent_dirs: dict[str, Path], method: str, pa
         if spec.scales is not None:
             scope = getattr(p, "rho_scope", "global")
             scales = spec.scales(hists[name] if scope == "tensor" else whole, p).float()
-        thresholds = None
-        if spec.trims:
+        thresholds = ceilings = None
+        if spec.name == "ties":
             k = trim_count(d.shape[1], p.keep)
             thresholds = d.abs().kthvalue(d.shape[1] - k + 1, dim=1).values
-        delta = spec.rule(d, p, ChunkContext(scales, thresholds))
+        delta = spec.rule(d, p, ChunkContext(scales, thresholds, ceilings=ceilings))
         b = base[name].float().reshape(-1)
         merged[name] = torch.where(delta != 0, b + delta, b).to(base[name].dtype)
         merged[name] = merged[name].reshape(base[name].shape)
@@ -143,7 +143,7 @@ def test_output_is_a_loadable_model_with_metadata(tiny_base_factory, tiny_agents
     record = json.loads((out / "ram_trl_merge.json").read_text())
     assert record["method"] == "ram_plus" and record["params"]["r"] == 0.1
     assert [a["name"] for a in record["agents"]] == ["code", "tool"]
-    assert [a["lam"] for a in record["agents"]] == [a.lam for a in report.agents]
+    assert [a["lambda"] for a in record["agents"]] == [a.lambda_ for a in report.agents]
     card = (out / "README.md").read_text()
     assert "ram-trl merge" in card and "lambda" in card and "code" in card
     assert all(v.dtype == torch.bfloat16 for v in load_all(out).values())

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from ram_trl.errors import InputError
 from ram_trl.methods import ChunkContext, change_mask, get_method, overlap_histogram
-from ram_trl.methods.baselines import disjoint_mean, kth_largest, trim_count
+from ram_trl.methods.baselines import disjoint_mean
+from ram_trl.methods.magnitude import kth_largest, trim_count
 from ram_trl.methods.ram import overlap_ratio
 
 EPS = 1e-5
@@ -28,10 +29,10 @@ def run(method: str, deltas, hist=None, **params) -> torch.Tensor:
         hist = overlap_histogram(change_mask(deltas, p.epsilon)) if hist is None else hist
         scales = spec.scales(hist, p).float()
     thresholds = None
-    if spec.trims:
+    if spec.name == "ties":
         k = trim_count(deltas.shape[1], p.keep)
         thresholds = torch.tensor(kth_largest(lambda: [(deltas.abs(), 0)], k))
-    seeds = tuple(range(deltas.shape[0])) if spec.random else ()
+    seeds = tuple(range(deltas.shape[0])) if spec.name.startswith("dare") else ()
     return spec.rule(deltas, p, ChunkContext(scales, thresholds, seeds))
 
 

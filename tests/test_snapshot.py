@@ -401,7 +401,7 @@ def test_source_row_offsets_across_index_chunks(
 def test_merge_from_snapshots_equals_merge_from_folders(
     tmp_path: Path, tiny_base_factory, tiny_agents_factory
 ) -> None:
-    from ram_trl.engine import merge
+    from ram_trl.merging.engine import merge
 
     shared_base = tiny_base_factory(dtype=torch.bfloat16)
     agents = tiny_agents_factory(shared_base, names=("a", "b"), density=[0.05, 0.3])

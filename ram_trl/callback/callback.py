@@ -30,6 +30,7 @@ from ram_trl.callback.merging import BackgroundMerge, latest_snapshots, merge_sn
 from ram_trl.callback.weights import base_rename, iter_state, root_module
 from ram_trl.errors import InputError
 from ram_trl.lora import density_warning, is_peft_model
+from ram_trl.merging.report import MergeReport
 
 
 def _as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -279,32 +280,32 @@ class RAMCallback(TrainerCallback):
         report = merge_snapshots(**job)
         logs = self._merge_logs(report)
         logs["ram/merge_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report["out"])))
+        logs.update(self._evaluate(Path(report.out)))
         return logs
 
-    def _merge_logs(self, report: dict[str, Any]) -> dict[str, float]:
-        logs: dict[str, float] = {"ram/merged_agents": float(len(report["agents"]))}
-        for a in report["agents"]:
-            name, changed = a["name"], max(1, a["changed"])
-            logs[f"ram/lambda/{name}"] = a["lam"]
-            logs[f"ram/overlap/{name}"] = a["shared"] / changed
-            if a["rho"] is not None:
-                logs[f"ram/rho/{name}"] = a["rho"]
+    def _merge_logs(self, report: MergeReport) -> dict[str, float]:
+        logs: dict[str, float] = {"ram/merged_agents": float(len(report.agents))}
+        for a in report.agents:
+            name, changed = a.name, max(1, a.changed)
+            logs[f"ram/lambda/{name}"] = a.lambda_
+            logs[f"ram/overlap/{name}"] = a.shared / changed
+            if a.rho is not None:
+                logs[f"ram/rho/{name}"] = a.rho
             if name == self.config.agent:
-                logs["ram/unique_share"] = a["unique"] / changed
+                logs["ram/unique_share"] = a.unique / changed
                 message = (
                     density_warning(
-                        min(1.0, self._touched_fraction), a["shared"] / changed, lora=self.peft
+                        min(1.0, self._touched_fraction), a.shared / changed, lora=self.peft
                     )
-                    if a["changed"]
+                    if a.changed
                     else None
                 )
                 logs["ram/averaging_warning"] = float(message is not None)
                 if message and not self._warned:
                     warnings.warn(f"agent {name!r}: {message}", stacklevel=2)
                     self._warned = True
-        if "lora" in report:
-            logs["ram/lora_error"] = report["lora"]["error"]
+        if report.lora is not None:
+            logs["ram/lora_error"] = report.lora.error
         return logs
 
     def _poll_background(self) -> None:
@@ -318,7 +319,7 @@ class RAMCallback(TrainerCallback):
         report = job.result()
         logs = self._merge_logs(report)
         logs["ram/merge_wait_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report["out"])))
+        logs.update(self._evaluate(Path(report.out)))
         self._log(logs)
 
     # -- evaluation --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
+from ram_trl.merging.report import MergeReport
 
 REPORT = "ram_trl_merge.json"
 
@@ -39,34 +39,32 @@ def merge_snapshots(
     output: str = "model",
     lora_rank: int = 16,
     fallback_out: str | None = None,
-) -> dict[str, Any]:
+) -> MergeReport:
     """Merge ``snapshots`` (agent -> snapshot folder) over ``base`` into ``out`` with
     ``ram_trl.merge``: a full model folder, or with ``output="lora"`` a LoRA adapter of rank
-    ``lora_rank`` (the merged delta, re-factorized by truncated SVD). Returns the merge report
-    as a dict, with ``lora`` (the reconstruction error report) for a LoRA output.
+    ``lora_rank`` (the merged delta, re-factorized by truncated SVD, whose errors the report's
+    ``lora`` gives). Returns the merge report.
 
     Jobs sharing a store can merge at the same step number at the same moment; whoever
     publishes ``out`` second writes to ``fallback_out`` instead (the report's ``out`` says where).
     """
-    from ram_trl.engine import merge
     from ram_trl.errors import OutputExistsError
+    from ram_trl.merging.engine import merge
     from ram_trl.snapshot import TaskVectorSource
 
-    def attempt(target: str) -> dict[str, Any]:
+    def attempt(target: str) -> MergeReport:
         sources = {agent: TaskVectorSource(path, base) for agent, path in snapshots.items()}
-        if output == "model":
-            return merge(
-                base, sources, method, target, params=params, dtype=dtype, progress=False
-            ).to_dict()
-        scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=Path(target).parent))
-        try:
-            report = merge(base, sources, method, scratch / "model", params=params, progress=False)
-            lora = _to_lora(base, scratch / "model", target, lora_rank)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        data = {**report.to_dict(), "out": target, "lora": lora}
-        (Path(target) / REPORT).write_text(json.dumps(data, indent=2) + "\n")
-        return data
+        lora = output == "lora"
+        return merge(
+            base,
+            sources,
+            method,
+            target,
+            params=params,
+            dtype=None if lora else dtype,  # an adapter's deltas come from base-dtype rows
+            lora_rank=lora_rank if lora else None,
+            progress=False,
+        )
 
     try:
         return attempt(out)
@@ -74,24 +72,6 @@ def merge_snapshots(
         if fallback_out is None:
             raise
         return attempt(fallback_out)
-
-
-def _to_lora(base: str, merged: Path, out: str, rank: int) -> dict[str, Any]:
-    import torch
-
-    from ram_trl.io import ModelFolder, copy_model_files
-    from ram_trl.lora import save_lora_adapter
-
-    with ModelFolder(base) as b, ModelFolder(merged) as m:
-        deltas = (
-            (name, m.read(name).to(torch.float32) - b.read(name).to(torch.float32))
-            for name, info in b.tensors.items()
-            if info.dtype.is_floating_point and len(info.shape) == 2
-        )
-        nonzero = ((n, d) for n, d in deltas if bool(d.any()))
-        report = save_lora_adapter(nonzero, out, rank=rank, base_model_name_or_path=str(base))
-    copy_model_files(Path(base), Path(out))  # the tokenizer, for evaluation and users
-    return {k: report[k] for k in ("rank", "error", "max_error", "dropped")}
 
 
 class BackgroundMerge:
@@ -114,7 +94,7 @@ class BackgroundMerge:
     def done(self) -> bool:
         return self.process.poll() is not None
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> MergeReport:
         """Wait for the subprocess; its report, or InputError with its output."""
         code = self.process.wait()
         self.log.seek(0)
@@ -125,7 +105,7 @@ class BackgroundMerge:
         if code != 0:
             raise InputError(f"background merge into {self.out} failed ({code}):\n{output[-2000:]}")
         out = output.strip().splitlines()[-1] if output.strip() else self.out  # main() prints it
-        return json.loads((Path(out) / REPORT).read_text())
+        return MergeReport.from_dict(json.loads((Path(out) / REPORT).read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = json.loads(Path(args[0]).read_text())
     report = merge_snapshots(**job)
-    print(report["out"])  # where it went: the fallback when another job took ``out`` first
+    print(report.out)  # where it went: the fallback when another job took ``out`` first
     return 0
 
 

@@ -1,7 +1,8 @@
 """How tensors are stored in safetensors files: dtype codes and raw little-endian bytes.
 
 The codes (``"BF16"``, ``"F32"``, ...) are the file format's names for dtypes. They are not the
-dtype names a user types (``bfloat16``, ``bf16``): those are ``ram_trl.merge.engine.OUTPUT_DTYPES``.
+dtype names a user types (``bfloat16``, ``bf16``): those are
+``ram_trl.merging.engine.OUTPUT_DTYPES``.
 """
 
 from __future__ import annotations

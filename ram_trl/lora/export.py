@@ -367,6 +367,9 @@ class LoraSink:
                 self.writer.add(name, delta)
             self._name, self._delta = None, None
 
+    def abort(self) -> None:
+        """Nothing is open before :meth:`close`."""
+
     def close(self) -> list[str]:
         """Write the adapter; returns the names of the files written."""
         self.report = self.writer.write(self.directory, self.out)

@@ -1,13 +1,31 @@
-"""Merge methods: pure per-chunk rules registered by name (see :mod:`ram_trl.methods.base`)."""
+"""Merge methods: per-chunk rules plus the preparation each needs, registered by name.
 
-from ram_trl.methods import baselines, ram  # noqa: F401  (importing registers the methods)
-from ram_trl.methods.base import METHODS, ChunkContext, MergeMethod, get_method, register
+Owns the paper's rules (:mod:`~ram_trl.methods.ram`), the baselines
+(:mod:`~ram_trl.methods.baselines`), and
+exact magnitude selection (:mod:`~ram_trl.methods.magnitude`); :mod:`~ram_trl.methods.base` says
+how a method takes part in a merge. Imports torch and :mod:`ram_trl.errors` only: no I/O.
+"""
+
+from ram_trl.methods import baselines, ram  # noqa: F401  (importing registers them)
+from ram_trl.methods.base import (
+    CHANGE_EPSILON,
+    METHODS,
+    ChunkContext,
+    MergeMethod,
+    ModelPlan,
+    OverlapCounts,
+    get_method,
+    register,
+)
 from ram_trl.methods.ram import change_mask, overlap_histogram, overlap_ratio, shared_unique
 
 __all__ = [
+    "CHANGE_EPSILON",
     "METHODS",
     "ChunkContext",
     "MergeMethod",
+    "ModelPlan",
+    "OverlapCounts",
     "change_mask",
     "get_method",
     "overlap_histogram",

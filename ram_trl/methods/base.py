@@ -1,59 +1,132 @@
-"""The merge-method registry: a name maps to a pure per-chunk rule plus its parameter dataclass.
+"""What a merge method is: a per-chunk rule, its parameters, and the preparation it needs.
 
-A rule sees one chunk of one tensor: the stacked float32 task vectors ``deltas`` of shape
-``(N, n)`` (one row per agent, in a fixed agent order) and a :class:`ChunkContext` holding what
-the engine computed beforehand (per-agent scales, trim thresholds, random seeds). It returns the
-merged task vector of shape ``(n,)``. Rules never do I/O, so they can be tested by hand and
-reused on any device; the engine owns streaming, validation and writing.
+The engine streams a model tensor by tensor and, within a tensor, row chunk by row chunk. A
+method takes part at three points, and only there:
+
+1. :meth:`MergeMethod.prepare_model`, once, before anything is merged: whole-model statistics
+   (RAM+'s rho counts shared and unique elements over the whole model). A method that needs the
+   agents' overlap counts says so with ``needs_counts``; the engine then makes a counting pass
+   first and hands them in as :class:`OverlapCounts`.
+2. :meth:`MergeMethod.prepare_tensor`, per floating-point tensor: yields the tensor's chunks,
+   each with the :class:`ChunkContext` its rule needs (TIES sweeps the tensor for its trim
+   thresholds first; DARE derives a seed per chunk and reads every element).
+3. :meth:`MergeMethod.rule`, per chunk: the stacked float32 task vectors ``deltas`` of shape
+   ``(N, n)`` (one row per agent, in a fixed agent order) -> the merged task vector ``(n,)``.
+
+Rules and hooks never do I/O (the tensor a hook sees streams itself), so they are tested by hand
+and run on any device. Adding a method means subclassing :class:`MergeMethod` (or giving it a rule
+function) and calling :func:`register`, in this package alone. Imports: torch and ram_trl.errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ram_trl.errors import InputError
 
+#: The paper's change threshold: an element counts as changed iff ``|tau| > 1e-5`` (strict).
+CHANGE_EPSILON = 1e-5
+
 
 @dataclass(frozen=True)
 class ChunkContext:
-    """What a rule needs besides the deltas, prepared by the engine for one tensor."""
+    """What a rule needs besides the deltas, prepared by its method for one chunk."""
 
     #: per-agent scale applied to unique elements (RAM family); ``None`` when unused
     scales: torch.Tensor | None = None
-    #: per-agent magnitude threshold of TIES trimming for this tensor; ``None`` when unused
+    #: per-agent lower magnitude bound of the elements kept (TIES, breadcrumbs)
     thresholds: torch.Tensor | None = None
     #: per-agent seeds for random dropping (DARE), stable across chunking and agent order
     seeds: tuple[int, ...] = ()
-
-
-Rule = Callable[[torch.Tensor, Any, ChunkContext], torch.Tensor]
-#: ``(histograms (N, N) int64, params) -> per-agent unique scales (N,)`` for the RAM family
-ScaleFn = Callable[[torch.Tensor, Any], torch.Tensor]
+    #: per-agent upper magnitude bound of the elements kept (breadcrumbs)
+    ceilings: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """A registered merge method."""
+class OverlapCounts:
+    """The counting pass's result: per floating-point tensor, the agents' overlap histogram
+    ``H[t, k]`` (elements agent t changed that exactly k other agents changed too; see
+    :func:`~ram_trl.methods.ram.overlap_histogram`). Histograms of tensors add up."""
 
-    name: str
-    rule: Rule
-    params: type
-    summary: str
-    #: computes per-agent scales from overlap counts; the engine then makes a counting pass first
-    scales: ScaleFn | None = None
-    #: the rule needs per-tensor TIES trim thresholds (``params.keep``)
-    trims: bool = False
-    #: the rule draws random numbers (``params.seed``)
-    random: bool = False
+    agents: int
+    tensors: Mapping[str, torch.Tensor]
+
+    def whole(self) -> torch.Tensor:
+        """The whole model's histogram ``(N, N)``."""
+        zeros = torch.zeros((self.agents, self.agents), dtype=torch.int64)
+        return sum(self.tensors.values(), zeros)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a method decided from whole-model statistics, before merging anything."""
+
+    #: per tensor, the per-agent scale of unique deltas (float32, as the rule applies it)
+    scales: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: the whole model's per-agent scale (float64), reported as each agent's lambda
+    lambdas: torch.Tensor | None = None
+    #: ``scales`` differ from tensor to tensor (RAM+ with ``rho_scope="tensor"``)
+    per_tensor: bool = False
+
+
+class Chunk(Protocol):
+    """A chunk as the engine reads it (``ram_trl.merging.chunks.Chunk``)."""
+
+    start: int  # first row
+    deltas: torch.Tensor  # (N, m) float32
 
     @property
-    def needs_counts(self) -> bool:
-        return self.scales is not None
+    def numel(self) -> int: ...
+
+
+class TensorStream(Protocol):
+    """One floating-point tensor of a merge, as :meth:`MergeMethod.prepare_tensor` sees it
+    (``ram_trl.merging.chunks.TensorView``)."""
+
+    name: str
+    numel: int
+    agents: list[str]
+    device: torch.device
+
+    def chunks(self, *, sparse: bool = True) -> Iterable[Chunk]:
+        """The tensor's chunks, in order. ``sparse``: only the elements some agent changed are
+        materialized (the rest are exactly zero in every delta); ``False`` for rules that look
+        at every element."""
+        ...
+
+    def magnitudes(self) -> Callable[[], Iterable[tuple[torch.Tensor, int]]]:
+        """Sweeps over the tensor for :func:`~ram_trl.methods.magnitude.kth_largest`: each
+        yields ``(|deltas| (N, m), implicit zeros per row)`` chunk by chunk."""
+        ...
+
+
+Rule = Callable[[torch.Tensor, Any, ChunkContext], torch.Tensor]
+
+
+class MergeMethod:
+    """A registered merge method: name, parameter dataclass, one-line summary, rule and hooks.
+
+    Subclasses override the hooks they need (see the module docstring); a method whose rule
+    needs nothing but the deltas is just ``MergeMethod(name, params, summary, rule)``.
+    """
+
+    #: whether :meth:`prepare_model` needs the overlap counts (a counting pass first)
+    needs_counts: bool = False
+    #: per-agent unique-delta scales from overlap counts, ``(histogram (N, N), params) -> (N,)``
+    #: (the RAM family's lambda); ``None`` for methods that do not scale unique deltas
+    scales: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+
+    def __init__(self, name: str, params: type, summary: str, rule: Rule | None = None) -> None:
+        self.name, self.params, self.summary = name, params, summary
+        self._rule = rule
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
 
     def make_params(self, values: Mapping[str, Any] | None = None) -> Any:
         """Build and validate this method's parameters; unknown names are an error."""
@@ -66,6 +139,29 @@ class MergeMethod:
                 f"its parameters are: {', '.join(sorted(known)) or 'none'}"
             )
         return self.params(**values)
+
+    def change_epsilon(self, params: Any) -> float | None:
+        """The threshold of this method's change mask (its ``epsilon`` parameter), or ``None``
+        for a method without one (TIES, DARE... ignore RAM's mask)."""
+        return getattr(params, "epsilon", None)
+
+    def prepare_model(self, params: Any, counts: OverlapCounts | None) -> ModelPlan:
+        """Once per merge, before any tensor: decide what needs the whole model."""
+        return ModelPlan()
+
+    def prepare_tensor(
+        self, params: Any, plan: ModelPlan, tensor: TensorStream
+    ) -> Iterator[tuple[Chunk, ChunkContext]]:
+        """Per floating-point tensor: its chunks, each with the context of its rule."""
+        context = ChunkContext()
+        for chunk in tensor.chunks():
+            yield chunk, context
+
+    def rule(self, deltas: torch.Tensor, params: Any, ctx: ChunkContext) -> torch.Tensor:
+        """Per chunk: the merged task vector ``(n,)`` of ``deltas`` ``(N, n)``."""
+        if self._rule is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no rule")
+        return self._rule(deltas, params, ctx)
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -98,8 +194,3 @@ def check_range(method: str, name: str, value: float, lo: float, hi: float, *, h
         raise InputError(
             f"{method}: parameter {name}={value!r} is out of range ({lo} <= {name} {upper})"
         )
-
-
-def epsilon_field() -> Any:
-    """The paper's change threshold: ``|tau| > 1e-5`` counts as changed (strict)."""
-    return field(default=1e-5)

@@ -13,92 +13,24 @@ None of them uses RAM's change mask: that is the point of the comparison.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ram_trl.errors import InputError
-from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, register
-
-_BUCKETS = 1 << 16
-
-
-def trim_count(numel: int, keep: float) -> int:
-    """How many elements of a tensor TIES keeps: at least ``keep * numel`` (never rounds a small
-    tensor down to nothing)."""
-    return min(numel, math.ceil(keep * numel - 1e-9))
-
-
-def kth_largest(chunks: Callable[[], Iterable[tuple[torch.Tensor, int]]], k: int) -> list[float]:
-    """Per row, the exact k-th largest of non-negative float32 values streamed in chunks.
-
-    ``chunks`` yields ``(values, zeros)``: ``(R, m)`` values (one row per agent) plus ``zeros``
-    more implicit zeros per row (the engine only materializes the elements some agent changed).
-    It is called once per sweep and must yield the same each time. A one-element list is
-    selected in memory. Otherwise, since non-negative IEEE-754 floats sort like their bit
-    patterns, a radix select over two 16-bit histograms finds the exact value while holding one
-    chunk at a time: TIES trimming of a tensor of any size, with the same result as
-    ``torch.kthvalue`` over all of it.
-    """
-    first = chunks()
-    if isinstance(first, Sequence) and len(first) == 1:  # one chunk in memory: no sweeps
-        return _kth_largest_in_memory(*first[0], k)
-    high: torch.Tensor | None = None
-    for values, zeros in chunks():
-        high = _histograms(_bits(values) >> 16, high, zeros)
-    if k <= 0 or high is None:
-        return [math.inf] * (0 if high is None else high.shape[0])
-    picks = [_select_from_top(row, k) for row in high]
-    low: torch.Tensor | None = None
-    for values, zeros in chunks():
-        bits = _bits(values)
-        rows = [
-            row[(row >> 16) == bucket] & 0xFFFF
-            for row, (bucket, _) in zip(bits, picks, strict=True)
-        ]
-        low = _histograms(rows, low, 0)
-        for r, (bucket, _) in enumerate(picks):
-            if bucket == 0:  # implicit zeros have all-zero bits
-                low[r, 0] += zeros
-    assert low is not None
-    result = []
-    for row, (bucket, rank) in zip(low, picks, strict=True):
-        rest, _ = _select_from_top(row, rank)
-        word = torch.tensor([bucket << 16 | rest], dtype=torch.int32)
-        result.append(word.view(torch.float32).item())
-    return result
-
-
-def _kth_largest_in_memory(values: torch.Tensor, zeros: int, k: int) -> list[float]:
-    rows = values.reshape(values.shape[0], -1)
-    if k <= 0:
-        return [math.inf] * rows.shape[0]
-    if k > rows.shape[1]:  # among the implicit zeros (or past the end)
-        return [0.0] * rows.shape[0]
-    return rows.kthvalue(rows.shape[1] - k + 1, dim=1).values.tolist()
-
-
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    return values.detach().float().cpu().reshape(values.shape[0], -1).view(torch.int32).long()
-
-
-def _histograms(
-    rows: Iterable[torch.Tensor], into: torch.Tensor | None, zeros: int
-) -> torch.Tensor:
-    counts = torch.stack([torch.bincount(row, minlength=_BUCKETS) for row in rows])
-    counts[:, 0] += zeros
-    return counts if into is None else into + counts
-
-
-def _select_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest element, and that element's rank inside it."""
-    from_top = hist.flip(0).cumsum(0)
-    k = min(k, int(from_top[-1]))
-    index = int(torch.searchsorted(from_top, k))
-    before = int(from_top[index - 1]) if index else 0
-    return _BUCKETS - 1 - index, k - before
+from ram_trl.methods.base import (
+    Chunk,
+    ChunkContext,
+    MergeMethod,
+    ModelPlan,
+    TensorStream,
+    check_range,
+    register,
+)
+from ram_trl.methods.magnitude import kth_largest, trim_count
 
 
 def disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
@@ -112,8 +44,8 @@ def disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
 def dare(deltas: torch.Tensor, drop: float, seeds: tuple[int, ...]) -> torch.Tensor:
     """DARE: drop each element with probability ``drop`` and rescale the rest by 1 / (1 - drop).
 
-    One generator per agent, seeded by the engine from (seed, agent, tensor, chunk), so results
-    do not depend on agent order or on which device runs the arithmetic.
+    One generator per agent, seeded from (seed, agent, tensor, chunk) by :func:`chunk_seeds`, so
+    results do not depend on agent order or on which device runs the arithmetic.
     """
     if drop == 0:
         return deltas
@@ -121,6 +53,17 @@ def dare(deltas: torch.Tensor, drop: float, seeds: tuple[int, ...]) -> torch.Ten
     noise = [torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds]
     keep = torch.stack(noise).to(deltas.device) >= drop
     return deltas * keep / (1 - drop)
+
+
+def chunk_seeds(seed: int, agents: list[str], tensor: str, start: int) -> tuple[int, ...]:
+    """DARE's per-agent seeds for the chunk of ``tensor`` starting at row ``start``: a hash of
+    (seed, agent, tensor, chunk), reproducible and independent of agent order and device."""
+
+    def one(agent: str) -> int:
+        key = f"{seed}\0{agent}\0{tensor}\0{start}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    return tuple(one(agent) for agent in agents)
 
 
 def linear_rule(deltas: torch.Tensor, params: LinearParams, ctx: ChunkContext) -> torch.Tensor:
@@ -134,7 +77,7 @@ def task_arithmetic_rule(
 
 
 def ties_rule(deltas: torch.Tensor, params: TiesParams, ctx: ChunkContext) -> torch.Tensor:
-    assert ctx.thresholds is not None, "the engine computes TIES thresholds per tensor"
+    assert ctx.thresholds is not None, "TiesMerge.prepare_tensor computes them per tensor"
     trimmed = deltas * (deltas.abs() >= ctx.thresholds[:, None])
     return params.scale * disjoint_mean(trimmed)
 
@@ -187,24 +130,38 @@ class DareParams:
             raise InputError(f"dare: parameter seed={self.seed!r} must be an integer")
 
 
-register(MergeMethod("linear", linear_rule, LinearParams, "plain average of the models"))
+class TiesMerge(MergeMethod):
+    """TIES: per tensor, each agent's trim threshold is the exact k-th largest |delta| with
+    ``k = trim_count(numel, keep)`` (a tensor larger than one chunk is swept twice for it)."""
+
+    def prepare_tensor(
+        self, params: TiesParams, plan: ModelPlan, tensor: TensorStream
+    ) -> Iterator[tuple[Chunk, ChunkContext]]:
+        k = trim_count(tensor.numel, params.keep)
+        thresholds = kth_largest(tensor.magnitudes(), k)
+        thresholds_t = torch.tensor(thresholds, dtype=torch.float32, device=tensor.device)
+        context = ChunkContext(thresholds=thresholds_t)
+        for chunk in tensor.chunks():
+            yield chunk, context
+
+
+class DareMerge(MergeMethod):
+    """DARE: a seed per agent and chunk, and every element read (each draws a random number)."""
+
+    def prepare_tensor(
+        self, params: DareParams, plan: ModelPlan, tensor: TensorStream
+    ) -> Iterator[tuple[Chunk, ChunkContext]]:
+        for chunk in tensor.chunks(sparse=False):
+            seeds = chunk_seeds(params.seed, tensor.agents, tensor.name, chunk.start)
+            yield chunk, ChunkContext(seeds=seeds)
+
+
+register(MergeMethod("linear", LinearParams, "plain average of the models", linear_rule))
 register(
     MergeMethod(
-        "task_arithmetic", task_arithmetic_rule, TaskArithmeticParams, "base + scale * sum tau_t"
+        "task_arithmetic", TaskArithmeticParams, "base + scale * sum tau_t", task_arithmetic_rule
     )
 )
-register(
-    MergeMethod(
-        "ties", ties_rule, TiesParams, "trim to top keep, elect sign, disjoint mean", trims=True
-    )
-)
-register(
-    MergeMethod(
-        "dare_linear", dare_linear_rule, DareParams, "random drop + rescale, sum", random=True
-    )
-)
-register(
-    MergeMethod(
-        "dare_ties", dare_ties_rule, DareParams, "random drop + rescale, TIES sign", random=True
-    )
-)
+register(TiesMerge("ties", TiesParams, "trim to top keep, elect sign, disjoint mean", ties_rule))
+register(DareMerge("dare_linear", DareParams, "random drop + rescale, sum", dare_linear_rule))
+register(DareMerge("dare_ties", DareParams, "random drop + rescale, TIES sign", dare_ties_rule))

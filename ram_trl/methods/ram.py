@@ -12,11 +12,24 @@ default (``rho_scope="global"``) or per tensor (``"tensor"``, mergekit's ``rampl
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, register
+from ram_trl.errors import InputError
+from ram_trl.methods.base import (
+    CHANGE_EPSILON,
+    Chunk,
+    ChunkContext,
+    MergeMethod,
+    ModelPlan,
+    OverlapCounts,
+    TensorStream,
+    check_range,
+    register,
+)
 
 RHO_SCOPES = ("global", "tensor")
 
@@ -101,15 +114,13 @@ def _check_epsilon(method: str, epsilon: float) -> None:
 
 
 def _check_scope(method: str, scope: str) -> None:
-    from ram_trl.errors import InputError
-
     if scope not in RHO_SCOPES:
         raise InputError(f"{method}: rho_scope={scope!r} must be one of {', '.join(RHO_SCOPES)}")
 
 
 @dataclass(frozen=True)
 class RAMParams:
-    epsilon: float = 1e-5
+    epsilon: float = CHANGE_EPSILON
 
     def __post_init__(self) -> None:
         _check_epsilon("ram", self.epsilon)
@@ -119,7 +130,7 @@ class RAMParams:
 class RAMPlusParams:
     r: float = 0.1
     alpha: float = 2.0
-    epsilon: float = 1e-5
+    epsilon: float = CHANGE_EPSILON
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
@@ -132,7 +143,7 @@ class RAMPlusParams:
 @dataclass(frozen=True)
 class RAMPlusSParams:
     r: float = 0.1
-    epsilon: float = 1e-5
+    epsilon: float = CHANGE_EPSILON
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
@@ -144,7 +155,7 @@ class RAMPlusSParams:
 @dataclass(frozen=True)
 class ArmRV2Params:
     r: float = 1.1
-    epsilon: float = 1e-5
+    epsilon: float = CHANGE_EPSILON
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
@@ -153,29 +164,54 @@ class ArmRV2Params:
         _check_scope("arm_r_v2", self.rho_scope)
 
 
-register(MergeMethod("ram", ram_rule, RAMParams, "RAM: Eq. 7 with lambda = 1"))
+class RAMMerge(MergeMethod):
+    """The RAM family: Eq. 7 per chunk; lambda_t from overlap counts (``scales``), over the whole
+    model or per tensor (``rho_scope``), decided once before merging."""
+
+    def __init__(self, name: str, params: type, summary: str, scales: Any | None = None) -> None:
+        super().__init__(name, params, summary, ram_rule)
+        self.scales = scales
+        self.needs_counts = scales is not None
+
+    def prepare_model(self, params: Any, counts: OverlapCounts | None) -> ModelPlan:
+        if self.scales is None or counts is None:
+            return ModelPlan()
+        lambdas = self.scales(counts.whole(), params)
+        if params.rho_scope == "tensor":
+            tensors = counts.tensors
+            per_tensor = {name: self.scales(h, params).float() for name, h in tensors.items()}
+            return ModelPlan(per_tensor, lambdas, per_tensor=True)
+        whole_model = lambdas.float()
+        return ModelPlan(dict.fromkeys(counts.tensors, whole_model), lambdas)
+
+    def prepare_tensor(
+        self, params: Any, plan: ModelPlan, tensor: TensorStream
+    ) -> Iterator[tuple[Chunk, ChunkContext]]:
+        context = ChunkContext(scales=plan.scales.get(tensor.name))
+        for chunk in tensor.chunks():
+            yield chunk, context
+
+
+register(RAMMerge("ram", RAMParams, "RAM: Eq. 7 with lambda = 1"))
 register(
-    MergeMethod(
+    RAMMerge(
         "ram_plus",
-        ram_rule,
         RAMPlusParams,
         "RAM+: unique deltas scaled by 1 + r * clip(rho_t, 0, alpha) (Eq. 6)",
         scales=ram_plus_scales,
     )
 )
 register(
-    MergeMethod(
+    RAMMerge(
         "ram_plus_s",
-        ram_rule,
         RAMPlusSParams,
         "RAM+s: unique deltas scaled by 1 + r * rho_t / (1 + rho_t) (Eq. 8)",
         scales=ram_plus_s_scales,
     )
 )
 register(
-    MergeMethod(
+    RAMMerge(
         "arm_r_v2",
-        ram_rule,
         ArmRV2Params,
         "the authors' arm-r-v2 preset: 1 + (r - 1) * min(1, rho_t), r = 1.1 means paper r = 0.1",
         scales=arm_r_v2_scales,

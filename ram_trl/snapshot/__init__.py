@@ -30,11 +30,10 @@ _LAZY = {
     "fingerprint_of": "ram_trl.snapshot.fingerprint",
     "fingerprint_folder": "ram_trl.snapshot.fingerprint",
     "fingerprint_state_dict": "ram_trl.snapshot.fingerprint",
-    "resolve_store_agents": "ram_trl.snapshot.cli",
+    "resolve_store_agents": "ram_trl.snapshot.store",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ram_trl.snapshot.cli import resolve_store_agents
     from ram_trl.snapshot.fingerprint import (
         fingerprint_folder,
         fingerprint_of,
@@ -42,7 +41,12 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from ram_trl.snapshot.format import Manifest, TensorEntry, validate
     from ram_trl.snapshot.source import TaskVectorSource
-    from ram_trl.snapshot.store import SnapshotInfo, SnapshotRef, SnapshotStore
+    from ram_trl.snapshot.store import (
+        SnapshotInfo,
+        SnapshotRef,
+        SnapshotStore,
+        resolve_store_agents,
+    )
     from ram_trl.snapshot.task_vector import TaskVector, TensorDelta, snapshot_folders
 
 __all__ = [

@@ -206,36 +206,3 @@ def run_store_clean(args: argparse.Namespace) -> int:
     for path in SnapshotStore(args.store, create=False).clean():
         print(f"removed {path}")
     return 0
-
-
-def resolve_store_agents(store: Any, specs: list[str]) -> dict[str, Path]:
-    """Map ``NAME`` (newest valid snapshot) or ``NAME@STEP`` to snapshot folders; with no specs,
-    every agent's newest valid snapshot. For ``ram-trl merge --store S --agent ...``."""
-    if not specs:
-        agents = store.agents()
-        if not agents:
-            raise InputError(f"store {store.root} has no snapshots to merge")
-        specs = agents
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, step_text = spec.partition("@")
-        if name in out:
-            raise InputError(f"agent {name!r} is given twice ({spec!r}): merge one step per agent")
-        if sep:
-            if not step_text.isdigit():
-                raise InputError(
-                    f"{spec!r}: the step after '@' must be an integer, as in {name}@100"
-                )
-            out[name] = store.get(name, int(step_text)).path
-            continue
-        ref = store.latest(name)
-        if ref is None and store.steps(name):
-            raise InputError(
-                f"every snapshot of agent {name!r} in store {store.root} is corrupt "
-                "(see `ram-trl store ls`)"
-            )
-        if ref is None:
-            known = ", ".join(store.agents()) or "none"
-            raise InputError(f"store {store.root} has no agent {name!r} (agents: {known})")
-        out[name] = ref.path
-    return out

@@ -78,15 +78,13 @@ class MergeConfig:
             if self.base is None:
                 raise InputError("no base model given (--base)")
             return self.base, dict(self.agents)
-        from ram_trl.snapshot import SnapshotStore, TaskVectorSource
-        from ram_trl.snapshot.cli import resolve_store_agents
+        from ram_trl.snapshot import SnapshotStore, TaskVectorSource, resolve_store_agents
 
         store = SnapshotStore(self.store, create=False)
         base = self.base or store.base_path
         if base is None:
             raise InputError(f"store {self.store} records no base model; pass --base")
-        specs = list(self.agents) if isinstance(self.agents, list) else list(self.agents)
-        snapshots = resolve_store_agents(store, specs)
+        snapshots = resolve_store_agents(store, list(self.agents))
         return base, {name: TaskVectorSource(path, base) for name, path in snapshots.items()}
 
     def method_params(self) -> dict[str, Any]:
@@ -97,7 +95,7 @@ class MergeConfig:
         return params
 
     def run(self, *, dry_run: bool = False, progress: bool = True):
-        from ram_trl.engine import merge
+        from ram_trl.merging.engine import merge
 
         base, agents = self.sources()
         return merge(

@@ -1,165 +1,48 @@
-"""Opening, validating and streaming the inputs of a merge or probe: one base and N agents.
+"""Streaming a merge's inputs: row chunks of one tensor from every input, as float32 deltas.
 
-Everything that can be checked from headers is checked before any tensor is read, so a bad input
-fails in seconds with a message naming the file, the tensor and the problem. Tensor data is then
-read in bounded row chunks (``CHUNK_ELEMENTS`` elements per input), widened to float32, and
-turned into task vectors ``tau_t = theta_t - theta_base``.
+Tensor data is read in bounded row chunks (``CHUNK_ELEMENTS`` elements per input), widened to
+float32 and turned into task vectors ``tau_t = theta_t - theta_base``, at the elements where some
+agent differs from the base (a sparse RL task vector leaves most of them bit-identical) or at all
+of them. :class:`TensorView` is one tensor as a merge method's ``prepare_tensor`` hook sees it.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ram_trl.errors import InputError
-from ram_trl.io import check_name, read_rows
-from ram_trl.io import row_chunks as io_row_chunks
+from ram_trl.io import read_rows
+from ram_trl.io import row_chunks as _row_chunks
+from ram_trl.merging.inputs import MergeInputs
 
 #: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
 CHUNK_ELEMENTS = 1 << 22
 
 
-class WeightSource(Protocol):
-    """Anything the engine can read weights from: a model folder or a task-vector snapshot."""
-
-    path: Path
-    tensors: Mapping[str, Any]  # name -> TensorInfo (shape, dtype, file)
-    config: dict | None
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
-
-
-@dataclass
-class MergeInputs:
-    """A validated base and its agents, in the order the user gave them."""
-
-    base: WeightSource
-    agents: dict[str, WeightSource]
-    names: list[str]  # tensor names in the base's on-disk order
-    #: (tensor, first row) of the chunks already checked for NaN/Inf, so a second pass skips them
-    checked: set[tuple[str, int]] = field(default_factory=set)
-
-    @property
-    def agent_names(self) -> list[str]:
-        return list(self.agents)
-
-    def close(self) -> None:
-        for source in (self.base, *self.agents.values()):
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    def __enter__(self) -> MergeInputs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
-    if isinstance(source, (str, os.PathLike)):
-        from ram_trl.io import ModelFolder
-
-        return ModelFolder(source)
-    return source
-
-
-def open_inputs(
-    base: str | os.PathLike | WeightSource,
-    agents: Mapping[str, str | os.PathLike | WeightSource],
-) -> MergeInputs:
-    """Open the base and the agents and check that they can be merged, reading headers only."""
-    if not agents:
-        raise InputError("no agents to merge: give at least one agent (--agent NAME=PATH)")
-    for name in agents:
-        check_name(name)
-    base_source = open_source(base)
-    inputs = MergeInputs(base_source, {}, list(base_source.tensors))
-    try:
-        for name, agent in agents.items():
-            inputs.agents[name] = source = open_source(agent)
-            _check_architecture(base_source, name, source)
-            _check_tensors(base_source, name, source)
-    except BaseException:
-        inputs.close()
-        raise
-    return inputs
-
-
-def _architecture(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
-    if not config:
-        return None, ()
-    return config.get("model_type"), tuple(config.get("architectures") or ())
-
-
-def _check_architecture(base: WeightSource, name: str, agent: WeightSource) -> None:
-    base_type, base_arch = _architecture(base.config)
-    agent_type, agent_arch = _architecture(agent.config)
-    if base_type and agent_type and (base_type, base_arch) != (agent_type, agent_arch):
-        raise InputError(
-            f"agent {name!r} ({agent.path / 'config.json'}) is a {agent_type} model "
-            f"{list(agent_arch)}, but the base ({base.path / 'config.json'}) is a {base_type} "
-            f"model {list(base_arch)}: only fine-tunes of the same base can be merged"
-        )
-
-
-def _check_tensors(base: WeightSource, name: str, agent: WeightSource) -> None:
-    missing = [t for t in base.tensors if t not in agent.tensors]
-    extra = [t for t in agent.tensors if t not in base.tensors]
-    where = f"agent {name!r} ({agent.path})"
-    if missing:
-        raise InputError(
-            f"{where} lacks {len(missing)} tensor(s) that the base ({base.path}) has: "
-            f"{_few(missing)}"
-        )
-    if extra:
-        raise InputError(
-            f"{where} has {len(extra)} tensor(s) that the base ({base.path}) lacks: {_few(extra)}"
-        )
-    for tensor, info in base.tensors.items():
-        theirs = agent.tensors[tensor]
-        if tuple(theirs.shape) == tuple(info.shape):
-            continue
-        message = (
-            f"tensor {tensor!r} has shape {tuple(theirs.shape)} in {where}, file "
-            f"{theirs.file}, but {tuple(info.shape)} in the base, file {info.file}"
-        )
-        if _is_vocabulary_resize(tensor, info.shape, theirs.shape):
-            message += (
-                f": the agent's vocabulary was resized ({info.shape[0]} -> {theirs.shape[0]} "
-                "rows); merge agents that keep the base's vocabulary, or resize the base first"
-            )
-        raise InputError(message)
-
-
-def _is_vocabulary_resize(tensor: str, base_shape: tuple, agent_shape: tuple) -> bool:
-    same_rest = tuple(base_shape[1:]) == tuple(agent_shape[1:]) and len(base_shape) >= 1
-    return same_rest and any(key in tensor for key in ("embed", "lm_head", "wte", "output"))
-
-
-def _few(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Where the chunks go and the arithmetic runs; a clear error for a CUDA-less machine."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available here")
+    return device
 
 
 def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The merge's row ranges of a tensor: ``CHUNK_ELEMENTS`` elements per input at most."""
-    return io_row_chunks(shape, CHUNK_ELEMENTS)
-
-
-def is_float_tensor(info: Any) -> bool:
-    return info.dtype.is_floating_point
+    """A tensor's row ranges in a merge: at most ``CHUNK_ELEMENTS`` elements per input each."""
+    return _row_chunks(shape, CHUNK_ELEMENTS)
 
 
 #: above this share of candidate elements a chunk is processed densely (gathers cost more)
 SPARSE_LIMIT = 0.25
+
+
 _BIT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 _MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 
 
@@ -269,3 +152,43 @@ def iter_chunks(
     """Every row chunk of a tensor, in order (see :func:`read_chunk`)."""
     for start, stop in row_chunks(tuple(inputs.base.tensors[name].shape)):
         yield read_chunk(inputs, name, start, stop, device, sparse=sparse)
+
+
+class TensorView:
+    """One floating-point tensor of a merge, for a method's ``prepare_tensor`` hook: its chunks
+    and sweeps of its magnitudes (see ``ram_trl.methods.base.TensorStream``).
+
+    A tensor that fits in one chunk is read once, whatever a method does with it; a larger one is
+    read again for each sweep and for the merge.
+    """
+
+    def __init__(self, inputs: MergeInputs, name: str, device: torch.device) -> None:
+        self.inputs, self.name, self.device = inputs, name, device
+        self.numel = inputs.base.tensors[name].numel
+        self.agents = inputs.agent_names
+        self._spans = row_chunks(tuple(inputs.base.tensors[name].shape))
+        self._whole: dict[bool, Chunk] = {}
+
+    def _only_chunk(self, sparse: bool) -> Chunk:
+        if sparse not in self._whole:
+            start, stop = self._spans[0]
+            self._whole[sparse] = read_chunk(
+                self.inputs, self.name, start, stop, self.device, sparse=sparse
+            )
+        return self._whole[sparse]
+
+    def chunks(self, *, sparse: bool = True) -> Iterable[Chunk]:
+        if len(self._spans) == 1:
+            return [self._only_chunk(sparse)]
+        return iter_chunks(self.inputs, self.name, self.device, sparse=sparse)
+
+    def magnitudes(self) -> Callable[[], Iterable[tuple[torch.Tensor, int]]]:
+        if len(self._spans) == 1:
+            chunk = self._only_chunk(True)
+            return lambda: [_magnitudes(chunk)]
+        return lambda: map(_magnitudes, iter_chunks(self.inputs, self.name, self.device))
+
+
+def _magnitudes(chunk: Chunk) -> tuple[torch.Tensor, int]:
+    """|deltas| at the chunk's candidates, and how many implicit zeros each row has besides."""
+    return chunk.deltas.abs(), chunk.numel - chunk.deltas.shape[1]

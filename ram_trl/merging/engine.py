@@ -1,0 +1,215 @@
+"""The streaming merge engine behind ``ram-trl merge`` and :func:`ram_trl.merge`.
+
+The engine streams, asks the method, and writes; what a method computes beforehand (RAM+'s
+lambdas, TIES' thresholds, DARE's seeds) is the method's own business (see
+:mod:`ram_trl.methods.base`). Memory stays at a few chunks whatever the model size: tensors are
+read a row chunk at a time from every input, merged in float32 by the method's rule, and handed to
+an output sink (safetensors shards, or a LoRA adapter). I/O cost: ``ram`` and the baselines read
+every input byte once; methods that need overlap counts (RAM+, RAM+s, arm-r-v2) make a counting
+pass first, because the paper's rho is a whole-model quantity, so they read every byte twice;
+TIES reads a tensor larger than one chunk three times (two sweeps for its exact thresholds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ram_trl.errors import InputError, OutputExistsError
+from ram_trl.io import (
+    TensorSpec,
+    WeightSource,
+    atomic_directory,
+    copy_model_files,
+    parse_size,
+    read_rows,
+)
+from ram_trl.merging.chunks import Chunk, TensorView, resolve_device, row_chunks
+from ram_trl.merging.counting import agent_stats, count_overlaps
+from ram_trl.merging.inputs import MergeInputs, is_float_tensor, open_inputs
+from ram_trl.merging.report import AdapterReport, MergeReport
+from ram_trl.merging.sinks import ModelSink, OutputSink
+from ram_trl.methods import CHANGE_EPSILON, MergeMethod, ModelPlan, get_method
+
+#: the output dtypes a user may ask for, by the names they type (not safetensors codes)
+OUTPUT_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+REPORT_NAME = "ram_trl_merge.json"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in OUTPUT_DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[dtype]
+
+
+def merge(
+    base: str | os.PathLike | WeightSource,
+    agents: Mapping[str, str | os.PathLike | WeightSource],
+    method: str = "ram_plus",
+    out: str | os.PathLike | None = None,
+    *,
+    params: Mapping[str, Any] | Any | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    lora_rank: int | None = None,
+) -> MergeReport:
+    """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
+
+    ``params`` holds the method's parameters (e.g. ``{"r": 0.1, "alpha": 2.0}``). The output is
+    a ``save_pretrained``-style folder published atomically: it appears complete or not at all.
+    With ``lora_rank`` it is a PEFT LoRA adapter of that rank instead, the merged delta
+    re-factorized by truncated SVD (``ram_trl.lora.LoraSink``). With ``dry_run`` every input is
+    validated (headers, shapes, finiteness) and the statistics are computed, but nothing is
+    written.
+    """
+    from ram_trl import __version__
+
+    spec = get_method(method)
+    params = params if dataclasses.is_dataclass(params) else spec.make_params(params)
+    out_dtype = parse_dtype(dtype)
+    device = resolve_device(device)
+    max_shard_bytes = parse_size(shard_size)
+    if out is None and not dry_run:
+        raise InputError("no output folder given (--out DIR)")
+    if out is not None and not dry_run and Path(out).exists() and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} already exists; pass --overwrite to replace it"
+        )
+
+    started = time.perf_counter()
+    with open_inputs(base, agents) as inputs:
+        counts = None
+        if spec.needs_counts or dry_run:
+            epsilon = spec.change_epsilon(params)
+            counts = count_overlaps(
+                inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
+                progress=progress,
+            )  # fmt: skip
+        plan = spec.prepare_model(params, counts)
+        report = MergeReport(
+            method=spec.name,
+            params=dataclasses.asdict(params),
+            base=str(inputs.base.path),
+            agents=agent_stats(inputs, counts, plan),
+            total_elements=inputs.float_elements,
+            out=None if dry_run else str(out),
+            dry_run=dry_run,
+            ram_trl_version=__version__,
+            counted=counts is not None,
+        )
+        if counts is not None:
+            report.seconds["count_pass"] = time.perf_counter() - started
+        if dry_run:
+            report.seconds["total"] = time.perf_counter() - started
+            return report
+
+        merging = time.perf_counter()
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            specs = _output_specs(inputs, out_dtype)
+            sink: OutputSink
+            if lora_rank is None:
+                sink = ModelSink(tmp, specs, max_shard_bytes)
+            else:
+                from ram_trl.lora import LoraSink
+
+                sink = LoraSink(tmp, specs, rank=lora_rank, base=report.base, out=str(out))
+            report.files = merge_into(sink, inputs, spec, params, plan, specs, device, progress)
+            if lora_rank is not None:
+                report.lora = AdapterReport.of(sink.report)  # type: ignore[attr-defined]
+            _write_metadata(tmp, inputs, report, out_dtype)
+            report.seconds["merge_pass"] = time.perf_counter() - merging
+            report.seconds["total"] = time.perf_counter() - started
+            (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _output_specs(inputs: MergeInputs, out_dtype: torch.dtype | None) -> list[TensorSpec]:
+    """The output's tensors: the base's, floating-point ones in ``out_dtype`` when given
+    (integer buffers are copied from the base as they are)."""
+    specs = []
+    for name in inputs.names:
+        info = inputs.base.tensors[name]
+        dtype = out_dtype if out_dtype is not None and is_float_tensor(info) else info.dtype
+        specs.append(TensorSpec(name, tuple(info.shape), dtype))
+    return specs
+
+
+def merge_into(
+    sink: OutputSink,
+    inputs: MergeInputs,
+    spec: MergeMethod,
+    params: Any,
+    plan: ModelPlan,
+    specs: list[TensorSpec],
+    device: torch.device,
+    progress: bool,
+) -> list[str]:
+    """Merge every tensor into ``sink`` and close it; returns the files it wrote."""
+    try:
+        with inputs.progress(progress, f"merging ({spec.name})") as bar:
+            for out in specs:
+                name, shape = out.name, out.shape
+                info = inputs.base.tensors[name]
+                if not is_float_tensor(info):
+                    for start, stop in row_chunks(shape):
+                        rows = read_rows(inputs.base, name, start, stop)
+                        sink.write(name, rows, rows)
+                    bar.update(info.nbytes)
+                    continue
+                tensor = TensorView(inputs, name, device)
+                for chunk, ctx in spec.prepare_tensor(params, plan, tensor):
+                    rows = _apply(chunk, spec.rule(chunk.deltas, params, ctx), out.dtype)
+                    rows = rows.reshape((chunk.stop - chunk.start, *shape[1:]) if shape else ())
+                    sink.write(name, rows, chunk.base)
+                bar.update(info.nbytes)
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Base + merged delta in the output dtype. Where the merged delta is exactly zero (and
+    outside the chunk's candidates) the base value is kept bit for bit."""
+    values = torch.where(merged != 0, chunk.base32 + merged, chunk.base32).to(dtype).cpu()
+    if chunk.index is None:
+        return values
+    rows = chunk.base.to(dtype, copy=True)
+    rows[chunk.index] = values
+    return rows
+
+
+def _write_metadata(
+    directory: Path, inputs: MergeInputs, report: MergeReport, out_dtype: torch.dtype | None
+) -> None:
+    """Config, generation config and tokenizer of the base (the dtype updated), and the card."""
+    from ram_trl.merging.card import render_model_card
+
+    copy_model_files(inputs.base.path, directory)
+    config = directory / "config.json"
+    if out_dtype is not None and config.is_file():  # say the dtype the weights now have
+        data = json.loads(config.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+        data.update(dict.fromkeys(keys, str(out_dtype).removeprefix("torch.")))
+        config.write_text(json.dumps(data, indent=2) + "\n")
+    (directory / "README.md").write_text(render_model_card(report))

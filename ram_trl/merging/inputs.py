@@ -1,0 +1,158 @@
+"""Opening and validating the inputs of a merge or probe: one base and N agents.
+
+Everything that can be checked from headers is checked before any tensor is read, so a bad input
+fails in seconds with a message naming the file, the tensor and the problem. Any
+:class:`~ram_trl.io.WeightSource` can be an input: a checkpoint folder (opened from its path) or a
+task-vector snapshot (``ram_trl.snapshot.TaskVectorSource``). Reading them chunk by chunk is
+:mod:`ram_trl.merging.chunks`' job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ram_trl.errors import InputError
+from ram_trl.io import ModelFolder, WeightSource, check_name
+
+
+@dataclass
+class MergeInputs:
+    """A validated base and its agents, in the order the user gave them."""
+
+    base: WeightSource
+    agents: dict[str, WeightSource]
+    names: list[str]  # tensor names in the base's on-disk order
+    #: (tensor, first row) of the chunks already checked for NaN/Inf, so a second pass skips them
+    checked: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def agent_names(self) -> list[str]:
+        return list(self.agents)
+
+    @property
+    def float_elements(self) -> int:
+        """Elements of the floating-point tensors: what the agents could change."""
+        return sum(i.numel for i in self.base.tensors.values() if is_float_tensor(i))
+
+    def progress(self, enabled: bool, desc: str) -> Any:
+        """A progress bar over the base's bytes (tqdm on stderr), or one that shows nothing."""
+        if not enabled:
+            return _NoBar()
+        from tqdm.auto import tqdm
+
+        total = sum(info.nbytes for info in self.base.tensors.values())
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+    def close(self) -> None:
+        for source in (self.base, *self.agents.values()):
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> MergeInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def is_float_tensor(info: Any) -> bool:
+    return info.dtype.is_floating_point
+
+
+def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
+    """A path opens as a checkpoint folder; any other weight source passes through."""
+    return ModelFolder(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def open_inputs(
+    base: str | os.PathLike | WeightSource,
+    agents: Mapping[str, str | os.PathLike | WeightSource],
+) -> MergeInputs:
+    """Open the base and the agents and check that they can be merged, reading headers only."""
+    if not agents:
+        raise InputError("no agents to merge: give at least one agent (--agent NAME=PATH)")
+    for name in agents:
+        check_name(name)
+    base_source = open_source(base)
+    inputs = MergeInputs(base_source, {}, list(base_source.tensors))
+    try:
+        for name, agent in agents.items():
+            inputs.agents[name] = source = open_source(agent)
+            _check_architecture(base_source, name, source)
+            _check_tensors(base_source, name, source)
+    except BaseException:
+        inputs.close()
+        raise
+    return inputs
+
+
+def _architecture(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    if not config:
+        return None, ()
+    return config.get("model_type"), tuple(config.get("architectures") or ())
+
+
+def _check_architecture(base: WeightSource, name: str, agent: WeightSource) -> None:
+    base_type, base_arch = _architecture(base.config)
+    agent_type, agent_arch = _architecture(agent.config)
+    if base_type and agent_type and (base_type, base_arch) != (agent_type, agent_arch):
+        raise InputError(
+            f"agent {name!r} ({agent.path / 'config.json'}) is a {agent_type} model "
+            f"{list(agent_arch)}, but the base ({base.path / 'config.json'}) is a {base_type} "
+            f"model {list(base_arch)}: only fine-tunes of the same base can be merged"
+        )
+
+
+def _check_tensors(base: WeightSource, name: str, agent: WeightSource) -> None:
+    missing = [t for t in base.tensors if t not in agent.tensors]
+    extra = [t for t in agent.tensors if t not in base.tensors]
+    where = f"agent {name!r} ({agent.path})"
+    if missing:
+        raise InputError(
+            f"{where} lacks {len(missing)} tensor(s) that the base ({base.path}) has: "
+            f"{_few(missing)}"
+        )
+    if extra:
+        raise InputError(
+            f"{where} has {len(extra)} tensor(s) that the base ({base.path}) lacks: {_few(extra)}"
+        )
+    for tensor, info in base.tensors.items():
+        theirs = agent.tensors[tensor]
+        if tuple(theirs.shape) == tuple(info.shape):
+            continue
+        message = (
+            f"tensor {tensor!r} has shape {tuple(theirs.shape)} in {where}, file "
+            f"{theirs.file}, but {tuple(info.shape)} in the base, file {info.file}"
+        )
+        if _is_vocabulary_resize(tensor, info.shape, theirs.shape):
+            message += (
+                f": the agent's vocabulary was resized ({info.shape[0]} -> {theirs.shape[0]} "
+                "rows); merge agents that keep the base's vocabulary, or resize the base first"
+            )
+        raise InputError(message)
+
+
+def _is_vocabulary_resize(tensor: str, base_shape: tuple, agent_shape: tuple) -> bool:
+    same_rest = tuple(base_shape[1:]) == tuple(agent_shape[1:]) and len(base_shape) >= 1
+    return same_rest and any(key in tensor for key in ("embed", "lm_head", "wte", "output"))
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
