@@ -16,6 +16,7 @@ from ram_trl.cli import main
 from ram_trl.errors import InputError
 from ram_trl.merging import chunks as inputs_module
 from ram_trl.methods import ChunkContext, change_mask, get_method, overlap_histogram
+from ram_trl.methods.breadcrumbs import band
 from ram_trl.methods.magnitude import trim_count
 
 
@@ -50,6 +51,11 @@ def reference_merge(base_dir: Path, agent_dirs: dict[str, Path], method: str, pa
         if spec.name == "ties":
             k = trim_count(d.shape[1], p.keep)
             thresholds = d.abs().kthvalue(d.shape[1] - k + 1, dim=1).values
+        if spec.name == "breadcrumbs":
+            top, kept = band(d.shape[1], p.density, p.gamma)
+            ordered = d.abs().sort(dim=1, descending=True).values
+            thresholds = ordered[:, top + kept - 1]
+            ceilings = ordered[:, top] if top else torch.full((d.shape[0],), torch.inf)
         delta = spec.rule(d, p, ChunkContext(scales, thresholds, ceilings=ceilings))
         b = base[name].float().reshape(-1)
         merged[name] = torch.where(delta != 0, b + delta, b).to(base[name].dtype)
@@ -71,6 +77,7 @@ METHODS = [
     ("ties", {"keep": 0.3}),
     ("task_arithmetic", {"scale": 0.5}),
     ("linear", {}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
 ]
 
 

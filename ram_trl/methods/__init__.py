@@ -1,12 +1,12 @@
 """Merge methods: per-chunk rules plus the preparation each needs, registered by name.
 
 Owns the paper's rules (:mod:`~ram_trl.methods.ram`), the baselines
-(:mod:`~ram_trl.methods.baselines`), and
+(:mod:`~ram_trl.methods.baselines`), Model Breadcrumbs (:mod:`~ram_trl.methods.breadcrumbs`) and
 exact magnitude selection (:mod:`~ram_trl.methods.magnitude`); :mod:`~ram_trl.methods.base` says
 how a method takes part in a merge. Imports torch and :mod:`ram_trl.errors` only: no I/O.
 """
 
-from ram_trl.methods import baselines, ram  # noqa: F401  (importing registers them)
+from ram_trl.methods import baselines, breadcrumbs, ram  # noqa: F401  (importing registers them)
 from ram_trl.methods.base import (
     CHANGE_EPSILON,
     METHODS,
