@@ -17,7 +17,8 @@ _LAZY = {
     "RAMError": "ram_trl.errors",
     "InputError": "ram_trl.errors",
     "RAMCallback": "ram_trl.callback.callback",
-    "RAMConfig": "ram_trl.callback.config",
+    "RAMConfig": "ram_trl.training.config",
+    "AgentRun": "ram_trl.training.run",
     "attach": "ram_trl.callback.callback",
     "EvalTask": "ram_trl.evaluation",
     "GenerationSettings": "ram_trl.evaluation",
@@ -26,14 +27,16 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.callback.callback import RAMCallback, attach
-    from ram_trl.callback.config import RAMConfig
     from ram_trl.errors import InputError, RAMError
     from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
     from ram_trl.merging.config import MergeConfig
     from ram_trl.merging.engine import merge
     from ram_trl.probe import probe
+    from ram_trl.training.config import RAMConfig
+    from ram_trl.training.run import AgentRun
 
 __all__ = [
+    "AgentRun",
     "EvalTask",
     "GenerationSettings",
     "InputError",

@@ -1,8 +1,9 @@
-"""Task-vector snapshots and RAM merges inside TRL / transformers training.
+"""The TRL / transformers integration: ``RAMCallback`` maps a ``Trainer``'s hooks onto an
+:class:`~ram_trl.training.AgentRun` (one per agent's trainer, all sharing a store).
 
-``RAMCallback`` (one per agent's trainer, all sharing a store) snapshots the agent, merges the
-store's agents into ``<store>/merged/`` and evaluates the result, checkpoint after checkpoint.
-Names are imported lazily: importing ``ram_trl.callback`` does not import transformers.
+This package is the only one that knows ``transformers.Trainer``; everything it does is
+:mod:`ram_trl.training`'s. Names are imported lazily: importing ``ram_trl.callback`` does not
+import transformers.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "RAMCallback": "ram_trl.callback.callback",
     "attach": "ram_trl.callback.callback",
-    "RAMConfig": "ram_trl.callback.config",
+    "RAMConfig": "ram_trl.training.config",
     "EvalTask": "ram_trl.evaluation",
-    "merge_snapshots": "ram_trl.callback.merging",
-    "latest_snapshots": "ram_trl.callback.merging",
+    "merge_snapshots": "ram_trl.training.jobs",
+    "latest_snapshots": "ram_trl.training.jobs",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.callback.callback import RAMCallback, attach
-    from ram_trl.callback.config import RAMConfig
-    from ram_trl.callback.merging import latest_snapshots, merge_snapshots
     from ram_trl.evaluation import EvalTask
+    from ram_trl.training.config import RAMConfig
+    from ram_trl.training.jobs import latest_snapshots, merge_snapshots
 
 __all__ = [
     "EvalTask",

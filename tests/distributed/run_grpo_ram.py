@@ -5,7 +5,8 @@
 
 It runs the example's ``main`` unchanged, after wrapping (observation only, nothing else changes):
 
-* ``RAMCallback.checkpoint``: which rank snapshots which step, and whether its model is sharded;
+* ``AgentRun.snapshot_and_merge``: which rank snapshots which step, and whether its model is
+  sharded;
 * ``capture.snapshot_model``: the path each rank published (None off the main rank);
 * ``SnapshotStore.put``: every publish call, per rank;
 * ``RAMCallback.on_train_end``: that the rank got there, its final ``log_history``, the
@@ -37,10 +38,12 @@ def main() -> None:
     record: dict = {"rank": rank, "checkpoints": [], "published": [], "puts": []}
 
     from ram_trl.callback import callback as cb
+    from ram_trl.distributed import is_sharded
     from ram_trl.snapshot.store import SnapshotStore
+    from ram_trl.training import run
 
-    snapshot_model, put = cb.snapshot_model, SnapshotStore.put
-    checkpoint, on_train_end = cb.RAMCallback.checkpoint, cb.RAMCallback.on_train_end
+    snapshot_model, put = run.snapshot_model, SnapshotStore.put
+    checkpoint, on_train_end = run.AgentRun.snapshot_and_merge, cb.RAMCallback.on_train_end
 
     def rec_snapshot_model(*args, **kwargs):
         path, seconds = snapshot_model(*args, **kwargs)
@@ -48,7 +51,7 @@ def main() -> None:
         return path, seconds
 
     def rec_checkpoint(self, step):
-        record["checkpoints"].append([step, cb._sharded(self.trainer.model)])
+        record["checkpoints"].append([step, is_sharded(self.model)])
         return checkpoint(self, step)
 
     def rec_put(self, snapshot, agent, step, **kwargs):
@@ -77,8 +80,8 @@ def main() -> None:
         (record_dir / f"rank-{rank}.json").write_text(json.dumps(record, default=str))
         return result
 
-    cb.snapshot_model = rec_snapshot_model
-    cb.RAMCallback.checkpoint = rec_checkpoint
+    run.snapshot_model = rec_snapshot_model
+    run.AgentRun.snapshot_and_merge = rec_checkpoint
     cb.RAMCallback.on_train_end = rec_train_end
     SnapshotStore.put = rec_put
 

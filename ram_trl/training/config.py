@@ -1,4 +1,5 @@
-"""``RAMConfig``: what :class:`~ram_trl.callback.RAMCallback` does, and when.
+"""``RAMConfig``: what an agent's run (:class:`~ram_trl.training.AgentRun`, under
+:class:`~ram_trl.callback.RAMCallback`) snapshots, merges and evaluates, and when.
 
 Everything is validated when the config is built (unknown merge method, bad parameters, bad
 agent name, bad cadence), so a typo fails before training starts, not at step 500. A config loads
@@ -21,7 +22,7 @@ from ram_trl.evaluation import EvalTask, GenerationSettings
 
 @dataclass
 class RAMConfig:
-    """Configuration of :class:`~ram_trl.callback.RAMCallback`.
+    """Configuration of :class:`~ram_trl.training.AgentRun` (and so of ``RAMCallback``).
 
     Attributes:
         store: the snapshot store folder shared by every agent's job (created if missing).

@@ -16,15 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from ram_trl.callback.weights import (
+from ram_trl.errors import InputError
+from ram_trl.lora import is_peft_model, root_module
+from ram_trl.training.weights import (
     Reordered,
     base_rename,
     base_specs,
     iter_state,
-    root_module,
     trained_weights,
 )
-from ram_trl.errors import InputError
 
 BASE_DIR = "base"
 
@@ -98,12 +98,6 @@ def snapshot_model(
             path = store.put(write, agent, step, replace=replace)
         finally:
             tuned.drain()
-        if tuned.extra and not _is_peft(model):
+        if tuned.extra and not is_peft_model(model):
             raise InputError(f"the trained model has tensors theta_0 lacks: {tuned.extra[:5]}")
     return path, time.perf_counter() - started
-
-
-def _is_peft(model: nn.Module) -> bool:
-    from ram_trl.lora import is_peft_model
-
-    return is_peft_model(model)

@@ -1,9 +1,9 @@
 """Merges of the newest snapshot of every agent in a store, in process or in a subprocess.
 
-:func:`merge_snapshots` is what the callback runs at a checkpoint, and what
-``python -m ram_trl.callback.merging JOB.json`` runs in the background, so that a long merge does
+:func:`merge_snapshots` is what an :class:`~ram_trl.training.AgentRun` merges, and what
+``python -m ram_trl.training.jobs JOB.json`` runs in the background, so that a long merge does
 not pause training: the subprocess writes the same folder, published atomically, and the
-callback picks up its ``ram_trl_merge.json`` when it has finished.
+run picks up its ``ram_trl_merge.json`` when it has finished.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
+from ram_trl.merging.engine import REPORT_NAME
 from ram_trl.merging.report import MergeReport
-
-REPORT = "ram_trl_merge.json"
 
 
 def latest_snapshots(store: Any) -> dict[str, str]:
@@ -49,7 +48,7 @@ def merge_snapshots(
     publishes ``out`` second writes to ``fallback_out`` instead (the report's ``out`` says where).
     """
     from ram_trl.errors import OutputExistsError
-    from ram_trl.merging.engine import merge
+    from ram_trl.merging import merge
     from ram_trl.snapshot import TaskVectorSource
 
     def attempt(target: str) -> MergeReport:
@@ -75,7 +74,7 @@ def merge_snapshots(
 
 
 class BackgroundMerge:
-    """One merge running in a subprocess (``python -m ram_trl.callback.merging JOB.json``)."""
+    """One merge running in a subprocess (``python -m ram_trl.training.jobs JOB.json``)."""
 
     def __init__(self, job: dict[str, Any], step: int):
         self.job, self.step, self.out = job, step, job["out"]
@@ -86,7 +85,7 @@ class BackgroundMerge:
             json.dump(job, f)
         self.log = open(f"{self.job_file}.log", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ram_trl.callback.merging", self.job_file],
+            [sys.executable, "-m", "ram_trl.training.jobs", self.job_file],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -105,13 +104,13 @@ class BackgroundMerge:
         if code != 0:
             raise InputError(f"background merge into {self.out} failed ({code}):\n{output[-2000:]}")
         out = output.strip().splitlines()[-1] if output.strip() else self.out  # main() prints it
-        return MergeReport.from_dict(json.loads((Path(out) / REPORT).read_text()))
+        return MergeReport.from_dict(json.loads((Path(out) / REPORT_NAME).read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m ram_trl.callback.merging JOB.json", file=sys.stderr)
+        print("usage: python -m ram_trl.training.jobs JOB.json", file=sys.stderr)
         return 2
     job = json.loads(Path(args[0]).read_text())
     report = merge_snapshots(**job)

@@ -5,9 +5,10 @@ depends on how training shards it:
 
 * single process / DDP: the module's own tensors (no copy; a DDP wrapper is never involved,
   since ``trainer.model`` is the bare module);
-* DeepSpeed ZeRO-3: each module's parameters are gathered with ``GatheredParameters``, one
-  module at a time, copied to CPU on rank 0 and released (peak: one module's parameters);
-* FSDP2: each ``DTensor`` is materialized with ``full_tensor()``, one at a time.
+* DeepSpeed ZeRO-3: each parameter is gathered with ``GatheredParameters``, one at a time,
+  copied to CPU on rank 0 and released;
+* FSDP2: each ``DTensor`` is materialized with ``full_tensor()``, one at a time
+  (:mod:`ram_trl.distributed` names these cases).
 
 The last two are collective: every rank must iterate :func:`iter_state` to its end, in the same
 order, even though only rank 0 uses the tensors (the others get ``None``).
@@ -28,27 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ram_trl.distributed import full, gathered, is_dtensor, is_zero3
 from ram_trl.errors import InputError
-from ram_trl.lora import base_weight_name, is_peft_model
+from ram_trl.lora import base_weight_name, is_peft_model, root_module
 
 _PEFT_ONLY = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)\.")
-
-
-def _is_zero3(t: torch.Tensor) -> bool:
-    return hasattr(t, "ds_id")
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-def root_module(model: nn.Module) -> nn.Module:
-    """The transformers model (PEFT wrappers removed; names then carry ``base_layer`` etc.)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    if is_peft_model(model) and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 def _entries(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,14 +67,12 @@ def iter_state(
         name = rename(raw)
         if name is None:
             continue
-        if _is_zero3(t):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+        if is_zero3(t):
+            with gathered([t]):
                 yield name, t.detach().to("cpu", copy=True) if main else None
-        elif _is_dtensor(t):
-            full = t.full_tensor()
-            yield name, full.detach().cpu() if main else None
+        elif is_dtensor(t):
+            whole = full(t)
+            yield name, whole.detach().cpu() if main else None
         else:
             yield name, t.detach() if main else None
 

@@ -1,0 +1,399 @@
+"""``AgentRun``: one agent's RAM work inside any training loop.
+
+Any loop (a ``transformers.Trainer`` through :class:`~ram_trl.callback.RAMCallback`, a PPO loop
+written by hand, a veRL-style worker) drives one agent of a multi-agent run through four calls::
+
+    run = AgentRun(model, RAMConfig(store="runs/store", agent="math"), tokenizer=tokenizer)
+    run.start()                           # theta_0 on disk, the store checked
+    for step in ...:
+        ...                               # train
+        if step % 100 == 0:
+            log(run.snapshot_and_merge(step))  # the task vector; a merge when one is due
+    log(run.close())                      # a background merge still running, finished
+
+Every call is made on every rank (gathers of ZeRO-3 / FSDP2 weights are collective); rank 0
+writes, merges, evaluates and returns the metrics, the others return ``{}`` after a barrier.
+The ranks come from ``torch.distributed`` unless given (``Ranks.from_accelerator``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ram_trl.distributed import Ranks, is_sharded
+from ram_trl.errors import InputError
+from ram_trl.lora import density_warning, is_peft_model, root_module
+from ram_trl.merging.report import MergeReport
+from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
+from ram_trl.training.config import RAMConfig
+from ram_trl.training.jobs import BackgroundMerge, latest_snapshots, merge_snapshots
+from ram_trl.training.weights import base_rename, iter_state
+
+
+def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
+    """A :class:`RAMConfig` from itself, a mapping of its fields, or a YAML path."""
+    if isinstance(config, RAMConfig):
+        return config
+    if isinstance(config, Mapping):
+        return RAMConfig.from_dict(config)
+    return RAMConfig.from_yaml(config)
+
+
+def _open_store(root: str) -> Any:
+    from ram_trl.snapshot import SnapshotStore
+
+    try:
+        store = SnapshotStore(root)
+        probe = Path(root) / "agents" / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot use {root} as a snapshot store: {e}") from None
+    return store
+
+
+def _live_base_fingerprint(model: nn.Module) -> str:
+    from ram_trl.snapshot import fingerprint_state_dict
+
+    state = dict(iter_state(root_module(model), rename=base_rename(model)))
+    return fingerprint_state_dict(state)  # type: ignore[arg-type]
+
+
+class AgentRun:
+    """Snapshots one agent's task vector, merges the store's agents with RAM/RAM+ and evaluates
+    the merged model, when its training loop says so.
+
+    theta_0, and memory: with ``config.base`` (the base checkpoint the model was loaded from),
+    snapshots stream it from disk; nothing stays in memory. Without it, the model's weights at
+    :meth:`start` are theta_0: they are written once, streamed tensor by tensor, to
+    ``<store>/base/`` (a loadable HF folder, published atomically), and every later snapshot
+    streams that folder. Either way rank 0 holds one tensor of each side at a time, plus one
+    gathered module under ZeRO-3; the store costs one base-size copy on disk instead of a
+    second model in RAM. For a PEFT model theta_0 is the frozen base, which LoRA never changes.
+    The base's fingerprint is checked against the store at construction (a store of another
+    base is an InputError naming both); a resumed run (``start(step)`` with ``step > 0``) keeps
+    the stored theta_0 instead of its resumed weights.
+
+    Args:
+        model: the model being trained (a loop that re-wraps it assigns the new one to
+            ``run.model``).
+        config: a :class:`RAMConfig`, a mapping of its fields or a YAML path.
+        tokenizer: saved with theta_0 and used by evaluation (a processor's ``tokenizer`` is).
+        ranks: which rank is the main one, and a barrier (default: ``torch.distributed``).
+        device: where ``eval_device="train"`` evaluates (default: the model's device).
+
+    Metrics (the dicts the calls return): ``ram/changed_fraction``, ``ram/snapshot_mb``,
+    ``ram/snapshot_seconds``, and after a merge ``ram/merge_seconds`` (training paused),
+    ``ram/unique_share``, ``ram/rho/<agent>``, ``ram/lambda/<agent>``, ``ram/overlap/<agent>``,
+    ``eval_merged/<task>/reward``, ``eval_agent/<task>/reward`` and (``eval_base``)
+    ``eval_base/<task>/reward``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RAMConfig | Mapping[str, Any] | str | os.PathLike,
+        *,
+        tokenizer: Any | None = None,
+        ranks: Ranks | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model, self.config, self.tokenizer = model, as_config(config), tokenizer
+        self.ranks = ranks if ranks is not None else Ranks.from_torch()
+        self.device = device
+        self.store = _open_store(self.config.store)
+        self.peft = is_peft_model(model)
+        if self.peft:
+            from ram_trl.lora import lora_deltas
+
+            lora_deltas(model)  # validates eagerly: DoRA & co. fail here, not at a snapshot
+        self.base_dir: Path | None = None
+        self.last_step: int | None = None  # the step of the last snapshot
+        self._replace = self.config.overwrite
+        self._snapshots = 0
+        self._background: BackgroundMerge | None = None
+        self._base_rewards: dict[str, float] | None = None
+        self._warned = False
+        self._touched_fraction = 0.0
+        self._check_base()
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.is_main
+
+    # -- theta_0 -----------------------------------------------------------------------------
+
+    def _check_base(self) -> None:
+        from ram_trl.snapshot import fingerprint_folder
+
+        if self.config.base is not None:
+            fp = fingerprint_folder(self.config.base)
+            self.store.check_base(fp, self.config.base, self.config.base)
+            self.base_dir = Path(self.config.base)
+            return
+        recorded = self.store.base_fingerprint
+        if recorded is None:
+            return  # a new store: theta_0 is written at start
+        if not is_sharded(self.model):
+            fp = _live_base_fingerprint(self.model)
+            if fp != recorded:
+                raise InputError(
+                    f"the model of agent {self.config.agent!r} has base fingerprint {fp}, but the "
+                    f"store {self.store.root} holds task vectors of base {recorded} (from "
+                    f"{self.store.base_path}): use one store per base model, or build the model "
+                    "from the original base and resume with train(resume_from_checkpoint=...)"
+                )
+        for candidate in (self.store.root / BASE_DIR, self.store.base_path):
+            if candidate is not None and (Path(candidate) / "config.json").is_file():
+                self.base_dir = Path(candidate)
+                return
+
+    def _ensure_base(self, resumed: bool) -> None:
+        if self.base_dir is not None:
+            return
+        folder = self.store.root / BASE_DIR
+        if not folder.is_dir() and resumed:
+            raise InputError(
+                f"resuming agent {self.config.agent!r}, but the store {self.store.root} has no "
+                "theta_0 (base/): pass RAMConfig(base=...) with the original base checkpoint"
+            )
+        if not folder.is_dir():
+            # another job may publish it first (an InputError here): checked just below
+            with contextlib.suppress(InputError):
+                write_base(folder, self.model, self.tokenizer, main=self.is_main)
+        self.ranks.barrier()
+        if self.is_main:
+            from ram_trl.snapshot import fingerprint_folder
+
+            self.store.check_base(fingerprint_folder(folder), folder, str(folder))
+        self.base_dir = folder
+        self._check_base()  # the live weights against what is now recorded
+
+    # -- the loop's calls --------------------------------------------------------------------
+
+    def start(self, step: int = 0) -> None:
+        """Before training: theta_0 on disk, and this agent's snapshots checked. ``step > 0``
+        resumes: snapshots the abandoned run took after ``step`` are removed; otherwise existing
+        snapshots of this agent are an error unless ``config.overwrite``."""
+        resumed = step > 0
+        self._ensure_base(resumed)
+        agent, steps = self.config.agent, self.store.steps(self.config.agent)
+        if resumed:
+            self._replace = True
+            if self.is_main:  # snapshots the abandoned run wrote after its last checkpoint
+                for later in (s for s in steps if s > step):
+                    self.store.remove(agent, later)
+        elif steps and not self.config.overwrite:
+            raise InputError(
+                f"the store {self.store.root} already holds snapshots of agent {agent!r} (steps "
+                f"{steps}): resume with train(resume_from_checkpoint=...), pick another agent "
+                "name, or set overwrite=True"
+            )
+        self.ranks.barrier()
+
+    def snapshot(self, step: int) -> dict[str, float]:
+        """Snapshot the current weights as ``step`` (and prune to ``keep_last``)."""
+        logs = self._snapshot(step)
+        self.ranks.barrier()
+        return logs
+
+    def merge(self, step: int) -> dict[str, float]:
+        """Merge the store's newest snapshots now (when it holds ``min_agents``), in process or
+        in the background, and evaluate the result."""
+        logs = self._merge(step) if self.is_main else {}
+        self.ranks.barrier()
+        return logs
+
+    def snapshot_and_merge(self, step: int) -> dict[str, float]:
+        """Snapshot as ``step``, then merge when ``merge_every`` says one is due."""
+        logs = self._snapshot(step)
+        every = self.config.merge_every
+        if self.is_main and every and self._snapshots % every == 0:
+            logs.update(self._merge(step))
+        self.ranks.barrier()
+        return logs
+
+    def poll(self) -> dict[str, float]:
+        """The metrics of a background merge that has finished since, else ``{}`` (no wait)."""
+        if self._background is not None and self.is_main and self._background.done():
+            return self._finish_background()
+        return {}
+
+    def close(self) -> dict[str, float]:
+        """Wait for a background merge still running; its metrics."""
+        if self._background is not None and self.is_main:
+            return self._finish_background()
+        return {}
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def _snapshot(self, step: int) -> dict[str, float]:
+        if self.base_dir is None:
+            raise RuntimeError("AgentRun.start() has not run")
+        path, seconds = snapshot_model(
+            self.store,
+            self.config.agent,
+            step,
+            self.model,
+            self.base_dir,
+            epsilon=self.config.snapshot_epsilon,
+            replace=self._replace,
+            main=self.is_main,
+        )
+        self.last_step, self._snapshots = step, self._snapshots + 1
+        if not self.is_main:
+            return {}
+        assert path is not None
+        logs = self._snapshot_logs(path, seconds)
+        if self.config.keep_last is not None:
+            self.store.prune(self.config.agent, self.config.keep_last)
+        return logs
+
+    def _snapshot_logs(self, path: Path, seconds: float) -> dict[str, float]:
+        from ram_trl.snapshot import validate
+
+        manifest = validate(path)
+        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        logs = {
+            "ram/changed_fraction": manifest.density,
+            "ram/snapshot_mb": size / 1e6,
+            "ram/snapshot_seconds": seconds,
+        }
+        touched = [e for e in manifest.tensors.values() if e.nnz]
+        self._touched_fraction = (
+            sum(e.nnz for e in touched) / max(1, sum(e.numel for e in touched))
+            if self.peft
+            else manifest.density
+        )
+        if self.peft:
+            logs["ram/lora_changed_fraction"] = self._touched_fraction
+        return logs
+
+    def _merge(self, step: int) -> dict[str, float]:
+        snapshots = latest_snapshots(self.store)
+        if len(snapshots) < self.config.min_agents:
+            return {}
+        out = self.store.merged_dir(self.config.merged_model_name(step))
+        fallback = self.store.merged_dir(f"{out.name}-{self.config.agent}")
+        if out.exists():  # another agent's job merged at this step number
+            out = fallback
+        cfg = self.config
+        job = dict(
+            base=str(self.base_dir),
+            snapshots=snapshots,
+            out=str(out),
+            fallback_out=str(fallback) if fallback != out else None,
+            method=cfg.merge_method,
+            params=dict(cfg.merge_params),
+            dtype=cfg.merge_dtype,
+            output=cfg.merge_output,
+            lora_rank=cfg.lora_rank,
+        )
+        if cfg.merge_background:
+            if self._background is None:
+                self._background = BackgroundMerge(job, step)
+            return {}
+        started = time.perf_counter()
+        report = merge_snapshots(**job)
+        logs = self._merge_logs(report)
+        logs["ram/merge_seconds"] = time.perf_counter() - started
+        logs.update(self._evaluate(Path(report.out)))
+        return logs
+
+    def _merge_logs(self, report: MergeReport) -> dict[str, float]:
+        logs: dict[str, float] = {"ram/merged_agents": float(len(report.agents))}
+        for a in report.agents:
+            name, changed = a.name, max(1, a.changed)
+            logs[f"ram/lambda/{name}"] = a.lambda_
+            logs[f"ram/overlap/{name}"] = a.shared / changed
+            if a.rho is not None:
+                logs[f"ram/rho/{name}"] = a.rho
+            if name == self.config.agent:
+                logs["ram/unique_share"] = a.unique / changed
+                message = (
+                    density_warning(
+                        min(1.0, self._touched_fraction), a.shared / changed, lora=self.peft
+                    )
+                    if a.changed
+                    else None
+                )
+                logs["ram/averaging_warning"] = float(message is not None)
+                if message and not self._warned:
+                    warnings.warn(f"agent {name!r}: {message}", stacklevel=3)
+                    self._warned = True
+        if report.lora is not None:
+            logs["ram/lora_error"] = report.lora.error
+        return logs
+
+    def _finish_background(self) -> dict[str, float]:
+        assert self._background is not None
+        job, self._background = self._background, None
+        started = time.perf_counter()
+        report = job.result()
+        logs = self._merge_logs(report)
+        logs["ram/merge_wait_seconds"] = time.perf_counter() - started
+        logs.update(self._evaluate(Path(report.out)))
+        return logs
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _evaluate(self, merged: Path) -> dict[str, float]:
+        from ram_trl.evaluation import evaluate, load_model
+
+        cfg = self.config
+        if not cfg.eval_tasks:
+            return {}
+        assert self.base_dir is not None
+        started = time.perf_counter()
+        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a processor wraps one
+        device = torch.device("cpu") if cfg.eval_device == "cpu" else self._train_device()
+        logs: dict[str, float] = {}
+
+        def run(prefix: str, model: nn.Module) -> dict[str, float]:
+            out = {}
+            for task in cfg.eval_tasks:
+                for key, value in evaluate(model, tokenizer, task, cfg.generation).items():
+                    out[f"{prefix}/{task.name}/{key}"] = value
+            return out
+
+        model = load_model(merged, self.base_dir, device, lora=cfg.merge_output == "lora")
+        logs.update(run("eval_merged", model))
+        del model
+        if cfg.eval_agent:
+            logs.update(run("eval_agent", self._agent_model(device)))
+        if cfg.eval_base:
+            if self._base_rewards is None:
+                base = load_model(self.base_dir, self.base_dir, device, lora=False)
+                self._base_rewards = run("eval_base", base)
+            logs.update(self._base_rewards)
+        logs["ram/eval_seconds"] = time.perf_counter() - started
+        return logs
+
+    def _train_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return next(self.model.parameters()).device
+
+    def _agent_model(self, device: torch.device) -> nn.Module:
+        """The live model when this rank holds it whole; else rebuilt from its last snapshot."""
+        if not is_sharded(self.model):
+            return self.model
+        from transformers import AutoModelForCausalLM
+
+        from ram_trl.evaluation import whole_on_this_rank
+
+        ref = self.store.latest(self.config.agent)
+        state = ref.load().apply(self.base_dir)
+        with whole_on_this_rank():
+            rebuilt = AutoModelForCausalLM.from_pretrained(self.base_dir)
+        rebuilt.load_state_dict(state, strict=False)  # strict=False: tied aliases are absent
+        return rebuilt.to(device)
