@@ -51,7 +51,8 @@ def _read_all(source: Any) -> None:
     a lazy memory-map view: only the conversion touches the bytes)."""
     import torch
 
-    from ram_trl.inputs import read_rows, row_chunks
+    from ram_trl.io import read_rows
+    from ram_trl.merging.chunks import row_chunks
 
     for name, info in source.tensors.items():
         for start, stop in row_chunks(tuple(info.shape)):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ram_trl.cli.snapshot import add_parser as add_subcommands
 from ram_trl.errors import InputError
 from ram_trl.snapshot import (
     SnapshotStore,
@@ -26,7 +27,6 @@ from ram_trl.snapshot import (
     resolve_store_agents,
     snapshot_folders,
 )
-from ram_trl.snapshot.cli import add_subcommands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -405,7 +405,7 @@ def test_cli_snapshot_and_ls(tmp_path: Path, models: list[Path], capsys) -> None
 
 
 def test_cli_import_is_lean() -> None:
-    code = "import sys, ram_trl.snapshot.cli; print('torch' in sys.modules)"
+    code = "import sys, ram_trl.cli.snapshot; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )

@@ -1,13 +1,12 @@
-"""The ``ram-trl`` command line: ``merge``, ``probe``, ``methods`` (and ``snapshot``/``store``).
+"""``ram-trl merge`` and ``ram-trl methods``; the flags every merge-like command shares.
 
-Imports stay lean (no torch, no transformers) until a command runs, so ``--help`` is instant and
-start-up does not eat into merge time.
+Method parameters come from the flags of ``PARAM_FLAGS`` or, for any parameter of any
+registered method, ``--param NAME=VALUE`` (typed by the method's parameter dataclass).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,8 @@ PARAM_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
-def _add_inputs(parser: argparse.ArgumentParser) -> None:
+def add_inputs(parser: argparse.ArgumentParser) -> None:
+    """--base, --agent, --method, the method's parameters, --device, --quiet."""
     parser.add_argument("--base", help="the base model folder (Hugging Face, safetensors)")
     parser.add_argument(
         "--agent",
@@ -36,24 +36,24 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="merge method (see `ram-trl methods`), default ram_plus")
     for name, kind, text in PARAM_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any parameter of the method (see `ram-trl methods`), e.g. --param density=0.9",
+    )
     parser.add_argument("--device", help="where the arithmetic runs: cpu (default) or cuda")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ram_trl import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="ram-trl", description="Reinforced Agent Merging (RAM/RAM+) for RL-trained agents."
-    )
-    parser.add_argument("--version", action="version", version=f"ram-trl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    merge = commands.add_parser(
+def add_parser(subparsers: Any) -> None:
+    """Register ``merge`` and ``methods``."""
+    merge = subparsers.add_parser(
         "merge", help="merge agents into one model", description="Merge agents into one model."
     )
     merge.add_argument("recipe", nargs="?", help="a YAML recipe; flags given here override it")
-    _add_inputs(merge)
+    add_inputs(merge)
     merge.add_argument(
         "--store",
         help="merge snapshots of a store (ram-trl snapshot / RAMCallback); --agent then takes "
@@ -68,23 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(func=run_merge)
 
-    probe = commands.add_parser(
-        "probe", help="sparsity and overlap statistics of the agents (paper Fig. 2)"
-    )
-    _add_inputs(probe)
-    probe.add_argument("--out", help="folder for probe.json and probe.png")
-    probe.set_defaults(func=run_probe)
-
-    methods = commands.add_parser("methods", help="list the merge methods and their parameters")
+    methods = subparsers.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(func=run_methods)
-
-    try:
-        from ram_trl.snapshot.cli import add_subcommands
-    except ImportError:  # the snapshot store is optional for the merge engine
-        pass
-    else:
-        add_subcommands(commands)
-    return parser
 
 
 def parse_agents(specs: Sequence[str]) -> dict[str, str]:
@@ -101,10 +86,36 @@ def parse_agents(specs: Sequence[str]) -> dict[str, str]:
     return agents
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The method parameters given on the command line: flags, then ``--param`` pairs."""
+    params = {
         name: getattr(args, name) for name, *_ in PARAM_FLAGS if getattr(args, name) is not None
     }
+    return {**params, **_typed_params(method, args.param)}
+
+
+def _typed_params(method: str, items: Sequence[str]) -> dict[str, Any]:
+    import dataclasses
+
+    from ram_trl.errors import InputError
+    from ram_trl.methods import get_method
+
+    if not items:
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).params)}
+    params: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise InputError(f"--param {item!r}: expected NAME=VALUE")
+        field = fields.get(name)  # an unknown name is refused, by name, with the known ones
+        kind = type(field.default) if field is not None else str
+        try:
+            params[name] = kind(text) if kind is not bool else text.lower() in ("1", "true")
+        except ValueError:
+            raise InputError(f"--param {item!r}: {name} takes a {kind.__name__}") from None
+    return params
 
 
 def _config(args: argparse.Namespace):
@@ -122,54 +133,27 @@ def _config(args: argparse.Namespace):
         config.base = args.base or config.base
         config.agents = agents or config.agents
         config.store = store
-    params = _params(args)
-    scope = params.pop("rho_scope", None)
-    config.parameters = {**config.parameters, **params}
-    config.rho_scope = scope or config.rho_scope
     for name in ("method", "device", "out", "dtype", "shard_size", "overwrite"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
+    params = method_params(args, config.method)
+    scope = params.pop("rho_scope", None)
+    config.parameters = {**config.parameters, **params}
+    config.rho_scope = scope or config.rho_scope
     return config
 
 
 def run_merge(args: argparse.Namespace) -> int:
     config = _config(args)
     report = config.run(dry_run=args.dry_run, progress=not args.quiet)
-    _print_agents(report)
+    print_agents(report)
     if args.dry_run:
         print(f"dry run: {len(report.agents)} agent(s) and the base are valid; nothing written")
         print(f"plan: {report.method} {report.params} -> {config.out or '(no --out given)'}")
     else:
         seconds = report.seconds.get("total", 0.0)
         print(f"merged into {report.out} ({len(report.files)} file(s)) in {seconds:.1f} s")
-    return 0
-
-
-def run_probe(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ram_trl.errors import InputError
-    from ram_trl.probe import probe, save_plot
-
-    if not args.base:
-        raise InputError("--base is required")
-    params = _params(args)
-    report = probe(
-        args.base,
-        parse_agents(args.agent),
-        args.method or "ram_plus",
-        params=params,
-        device=args.device or "cpu",
-        progress=not args.quiet,
-    )
-    print(report.table())
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.save_json(out / "probe.json")
-        plotted = save_plot(report, out / "probe.png")
-        print(f"wrote {out / 'probe.json'}" + (f" and {out / 'probe.png'}" if plotted else ""))
     return 0
 
 
@@ -184,8 +168,9 @@ def run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_agents(report) -> None:
-    if not any(a.changed for a in report.agents):
+def print_agents(report) -> None:
+    """The per-agent table of a report whose changes were counted."""
+    if not report.counted:
         return
     print(f"{'agent':12} {'changed':>9} {'unique':>9} {'shared':>9} {'rho':>8} {'lambda':>8}")
     for a in report.agents:
@@ -196,40 +181,3 @@ def _print_agents(report) -> None:
             f"{a.name:12} {a.changed_fraction:9.2%} {unique:9.2%} {shared:9.2%} "
             f"{rho:>8} {a.lambda_:8.4f}"
         )
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks in the heap instead of returning them to the kernel.
-
-    A merge allocates and frees the same few chunk-sized float32 buffers thousands of times;
-    by default glibc unmaps each one and the next is page-faulted in afresh (about 20 ms per
-    32 MiB on a small VM). Reusing them makes merging 2-3x faster, and peak memory stays that of
-    the few live chunks. Process-wide, so only the ``ram-trl`` command does it, never the library
-    inside a user's process. Returns False where glibc's ``mallopt`` is not available.
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 1 << 30) == 1
-    return mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from ram_trl.errors import RAMError
-
-    args = build_parser().parse_args(argv)
-    if argv is None:  # the ram-trl process itself, not a caller's
-        keep_freed_memory()
-    try:
-        return args.func(args)
-    except RAMError as error:
-        print(f"ram-trl: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

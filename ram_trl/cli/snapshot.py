@@ -1,6 +1,6 @@
 """``ram-trl snapshot`` and ``ram-trl store``: the command-line side of task-vector snapshots.
 
-The top-level CLI calls :func:`add_subcommands` and dispatches to ``args.func(args)``. Torch and
+The top-level CLI calls :func:`add_parser` and dispatches to ``args.func(args)``. Torch and
 the snapshot machinery are imported inside the commands, so ``ram-trl --help`` stays fast.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from ram_trl.errors import InputError
 
 
-def add_subcommands(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Register ``snapshot`` and ``store {ls,prune,clean}`` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "snapshot",
