@@ -153,15 +153,21 @@ class MergeMethod:
         self, params: Any, plan: ModelPlan, tensor: TensorStream
     ) -> Iterator[tuple[Chunk, ChunkContext]]:
         """Per floating-point tensor: its chunks, each with the context of its rule."""
-        context = ChunkContext()
-        for chunk in tensor.chunks():
-            yield chunk, context
+        return each_chunk(tensor, ChunkContext())
 
     def rule(self, deltas: torch.Tensor, params: Any, ctx: ChunkContext) -> torch.Tensor:
         """Per chunk: the merged task vector ``(n,)`` of ``deltas`` ``(N, n)``."""
         if self._rule is None:
             raise NotImplementedError(f"{type(self).__name__} defines no rule")
         return self._rule(deltas, params, ctx)
+
+
+def each_chunk(
+    tensor: TensorStream, context: ChunkContext, *, sparse: bool = True
+) -> Iterator[tuple[Chunk, ChunkContext]]:
+    """Every chunk of ``tensor`` with one context: what most ``prepare_tensor`` hooks return."""
+    for chunk in tensor.chunks(sparse=sparse):
+        yield chunk, context
 
 
 METHODS: dict[str, MergeMethod] = {}

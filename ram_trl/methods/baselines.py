@@ -28,9 +28,10 @@ from ram_trl.methods.base import (
     ModelPlan,
     TensorStream,
     check_range,
+    each_chunk,
     register,
 )
-from ram_trl.methods.magnitude import kth_largest, trim_count
+from ram_trl.methods.magnitude import kth_magnitude, trim_count
 
 
 def disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
@@ -138,11 +139,7 @@ class TiesMerge(MergeMethod):
         self, params: TiesParams, plan: ModelPlan, tensor: TensorStream
     ) -> Iterator[tuple[Chunk, ChunkContext]]:
         k = trim_count(tensor.numel, params.keep)
-        thresholds = kth_largest(tensor.magnitudes(), k)
-        thresholds_t = torch.tensor(thresholds, dtype=torch.float32, device=tensor.device)
-        context = ChunkContext(thresholds=thresholds_t)
-        for chunk in tensor.chunks():
-            yield chunk, context
+        return each_chunk(tensor, ChunkContext(thresholds=kth_magnitude(tensor, k)))
 
 
 class DareMerge(MergeMethod):

@@ -22,16 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ram_trl.methods.base import (
-    Chunk,
-    ChunkContext,
-    MergeMethod,
-    ModelPlan,
-    TensorStream,
-    check_range,
-    register,
-)
-from ram_trl.methods.magnitude import kth_largest, trim_count
+from ram_trl.methods import base
+from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, each_chunk
+from ram_trl.methods.magnitude import kth_magnitude, trim_count
 
 
 @dataclass(frozen=True)
@@ -70,22 +63,17 @@ class BreadcrumbsMerge(MergeMethod):
     larger than one chunk is swept four times for them, two per bound)."""
 
     def prepare_tensor(
-        self, params: BreadcrumbsParams, plan: ModelPlan, tensor: TensorStream
-    ) -> Iterator[tuple[Chunk, ChunkContext]]:
+        self, params: BreadcrumbsParams, plan: base.ModelPlan, tensor: base.TensorStream
+    ) -> Iterator[tuple[base.Chunk, ChunkContext]]:
         top, kept = band(tensor.numel, params.density, params.gamma)
-        sweeps = tensor.magnitudes()
-        n = len(tensor.agents)
-        ceilings = kth_largest(sweeps, top + 1) if top else [math.inf] * n
-        thresholds = kth_largest(sweeps, top + kept)  # inf when nothing is kept
-        context = ChunkContext(
-            thresholds=torch.tensor(thresholds, dtype=torch.float32, device=tensor.device),
-            ceilings=torch.tensor(ceilings, dtype=torch.float32, device=tensor.device),
+        context = ChunkContext(  # k = 0 gives inf: no lower bound is met, no upper bound cuts
+            thresholds=kth_magnitude(tensor, top + kept if kept else 0),
+            ceilings=kth_magnitude(tensor, top + 1 if top else 0),
         )
-        for chunk in tensor.chunks():
-            yield chunk, context
+        return each_chunk(tensor, context)
 
 
-register(
+base.register(
     BreadcrumbsMerge(
         "breadcrumbs",
         BreadcrumbsParams,

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ram_trl.methods.base import TensorStream
+
 _BUCKETS = 1 << 16
 
 
@@ -19,6 +21,13 @@ def trim_count(numel: int, keep: float) -> int:
     """How many elements of a tensor TIES keeps: at least ``keep * numel`` (never rounds a small
     tensor down to nothing)."""
     return min(numel, math.ceil(keep * numel - 1e-9))
+
+
+def kth_magnitude(tensor: TensorStream, k: int) -> torch.Tensor:
+    """Per agent, the exact k-th largest ``|delta|`` of a streamed tensor (float32, on its
+    device): the bound a magnitude trim keeps above; ``inf`` when ``k <= 0`` (nothing kept)."""
+    values = kth_largest(tensor.magnitudes(), k) if k > 0 else [math.inf] * len(tensor.agents)
+    return torch.tensor(values, dtype=torch.float32, device=tensor.device)
 
 
 def kth_largest(chunks: Callable[[], Iterable[tuple[torch.Tensor, int]]], k: int) -> list[float]:

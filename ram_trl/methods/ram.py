@@ -28,6 +28,7 @@ from ram_trl.methods.base import (
     OverlapCounts,
     TensorStream,
     check_range,
+    each_chunk,
     register,
 )
 
@@ -109,11 +110,12 @@ def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torc
     return torch.where(count >= 2, total / count, unique)
 
 
-def _check_epsilon(method: str, epsilon: float) -> None:
-    check_range(method, "epsilon", epsilon, 0.0, math.inf)
-
-
-def _check_scope(method: str, scope: str) -> None:
+def _validate(method: str, params: object) -> None:
+    """The checks every RAM-family parameter set shares: r, alpha, epsilon >= 0, a known scope."""
+    for name in ("r", "alpha", "epsilon"):
+        if hasattr(params, name):
+            check_range(method, name, getattr(params, name), 0.0, math.inf)
+    scope = getattr(params, "rho_scope", "global")
     if scope not in RHO_SCOPES:
         raise InputError(f"{method}: rho_scope={scope!r} must be one of {', '.join(RHO_SCOPES)}")
 
@@ -123,7 +125,7 @@ class RAMParams:
     epsilon: float = CHANGE_EPSILON
 
     def __post_init__(self) -> None:
-        _check_epsilon("ram", self.epsilon)
+        _validate("ram", self)
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,7 @@ class RAMPlusParams:
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
-        check_range("ram_plus", "r", self.r, 0.0, math.inf)
-        check_range("ram_plus", "alpha", self.alpha, 0.0, math.inf)
-        _check_epsilon("ram_plus", self.epsilon)
-        _check_scope("ram_plus", self.rho_scope)
+        _validate("ram_plus", self)
 
 
 @dataclass(frozen=True)
@@ -147,9 +146,7 @@ class RAMPlusSParams:
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
-        check_range("ram_plus_s", "r", self.r, 0.0, math.inf)
-        _check_epsilon("ram_plus_s", self.epsilon)
-        _check_scope("ram_plus_s", self.rho_scope)
+        _validate("ram_plus_s", self)
 
 
 @dataclass(frozen=True)
@@ -159,9 +156,7 @@ class ArmRV2Params:
     rho_scope: str = "global"
 
     def __post_init__(self) -> None:
-        check_range("arm_r_v2", "r", self.r, 0.0, math.inf)
-        _check_epsilon("arm_r_v2", self.epsilon)
-        _check_scope("arm_r_v2", self.rho_scope)
+        _validate("arm_r_v2", self)
 
 
 class RAMMerge(MergeMethod):
@@ -187,9 +182,7 @@ class RAMMerge(MergeMethod):
     def prepare_tensor(
         self, params: Any, plan: ModelPlan, tensor: TensorStream
     ) -> Iterator[tuple[Chunk, ChunkContext]]:
-        context = ChunkContext(scales=plan.scales.get(tensor.name))
-        for chunk in tensor.chunks():
-            yield chunk, context
+        return each_chunk(tensor, ChunkContext(scales=plan.scales.get(tensor.name)))
 
 
 register(RAMMerge("ram", RAMParams, "RAM: Eq. 7 with lambda = 1"))
