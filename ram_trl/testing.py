@@ -26,6 +26,7 @@ import torch
 
 from ram_trl.io import ModelFolder, ShardedWriter, TensorSpec, parse_size
 from ram_trl.io.checkpoint import INDEX_NAME
+from ram_trl.methods.base import CHANGE_EPSILON
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -50,8 +51,9 @@ CHAT_TEMPLATE: str = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-#: An element counts as changed when ``|agent - base| > CHANGE_THRESHOLD`` (compared in float32).
-CHANGE_THRESHOLD: float = 1e-5
+#: An element counts as changed when ``|agent - base| > CHANGE_THRESHOLD`` (compared in float32):
+#: the paper's threshold, RAM's default ``epsilon``.
+CHANGE_THRESHOLD: float = CHANGE_EPSILON
 
 _SMALL_MAGNITUDE = 1e-2  # floor on |w| when sizing a delta, so zero-initialised biases move too
 

@@ -38,6 +38,7 @@ from ram_trl.io import (
     safetensors_code,
     torch_dtype,
 )
+from ram_trl.methods.base import CHANGE_EPSILON
 from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_state_dict, unique_tensors
 from ram_trl.snapshot.format import (
     BASENAME,
@@ -52,7 +53,8 @@ from ram_trl.snapshot.format import (
     values_key,
 )
 
-DEFAULT_EPSILON = 1e-5
+#: a snapshot keeps what RAM's default change mask sees (a larger one would lose changes)
+DEFAULT_EPSILON = CHANGE_EPSILON
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CHUNK_ELEMENTS = 1 << 23  # float32 working set per chunk: 32 MiB per operand
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings
+from ram_trl.methods.base import CHANGE_EPSILON
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RAMConfig:
     base: str | None = None
     snapshot_steps: int | None = None
     snapshot_on_train_end: bool = True
-    snapshot_epsilon: float = 1e-5
+    snapshot_epsilon: float = CHANGE_EPSILON
     keep_last: int | None = None
     overwrite: bool = False
     merge_every: int = 1
@@ -88,8 +89,10 @@ class RAMConfig:
         names = [t.name for t in self.eval_tasks]
         if len(set(names)) != len(names):
             raise InputError(f"eval task names must be unique, got {names}")
-        params = get_method(self.merge_method).make_params(self.merge_params)  # validates
-        merge_epsilon = getattr(params, "epsilon", math.inf)
+        method = get_method(self.merge_method)
+        params = method.make_params(self.merge_params)  # validates
+        mask_epsilon = method.change_epsilon(params)  # None: the method has no change mask
+        merge_epsilon = math.inf if mask_epsilon is None else mask_epsilon
         eps = self.snapshot_epsilon
         if not (isinstance(eps, (int, float)) and 0 <= eps <= merge_epsilon):
             raise InputError(
