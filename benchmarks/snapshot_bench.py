@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,6 +30,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside this script
+
+from workload import pick_shape, tensor_specs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -94,35 +97,6 @@ def worker(base: Path, agent: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-# Qwen2-0.5B widths: hidden, intermediate, kv width (2 heads x 64), vocabulary
-HIDDEN, INTER, KV, VOCAB = 896, 4864, 128, 151936
-
-
-def tensor_shapes(params: float) -> dict[str, tuple[int, ...]]:
-    """Qwen2 tensor names and shapes (untied lm_head), with as many layers as fit ``params``."""
-    layer = {
-        "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-        "self_attn.q_proj.bias": (HIDDEN,),
-        "self_attn.k_proj.weight": (KV, HIDDEN),
-        "self_attn.k_proj.bias": (KV,),
-        "self_attn.v_proj.weight": (KV, HIDDEN),
-        "self_attn.v_proj.bias": (KV,),
-        "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        "mlp.gate_proj.weight": (INTER, HIDDEN),
-        "mlp.up_proj.weight": (INTER, HIDDEN),
-        "mlp.down_proj.weight": (HIDDEN, INTER),
-        "input_layernorm.weight": (HIDDEN,),
-        "post_attention_layernorm.weight": (HIDDEN,),
-    }
-    per_layer = sum(math.prod(s) for s in layer.values())
-    layers = max(1, round((params - 2 * VOCAB * HIDDEN) / per_layer))
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
-    shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
-    return shapes
-
-
 def generate(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Write base/ and agent/ once (reused while ``workload.json`` matches the arguments).
 
@@ -130,21 +104,24 @@ def generate(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     bf16's half-ulp, so every chosen element really changes; the rest are bit-identical.
     """
     import torch
-    from safetensors.torch import save_file
+
+    from ram_trl.io import ShardedWriter, TensorSpec
 
     base, agent, stamp = folder / "base", folder / "agent", folder / "workload.json"
-    want = {"version": 1, "params": args.params, "density": args.density, "dtype": args.dtype}
+    want = {"version": 2, "params": args.params, "density": args.density, "dtype": args.dtype}
     want["seed"] = args.seed
     if stamp.exists() and json.loads(stamp.read_text()) == want and not args.regenerate:
         return base, agent
     stamp.unlink(missing_ok=True)
     dtype = getattr(torch, args.dtype)
+    specs = [(name, shape) for name, shape, _ in tensor_specs(pick_shape(args.params))]
+    layout = [TensorSpec(name, shape, dtype) for name, shape in specs]
+    writers = []
     for d in (base, agent):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    shard: dict[str, list[dict[str, Any]]] = {"base": [{}], "agent": [{}]}
-    size = 0
-    for i, (name, shape) in enumerate(tensor_shapes(args.params).items()):
+        writers.append(ShardedWriter(d, layout, max_shard_bytes=10**9))
+    for i, (name, shape) in enumerate(specs):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
         w = torch.randn(shape, generator=gen).mul_(0.02).to(dtype)
         flat = w.reshape(-1)
@@ -154,21 +131,10 @@ def generate(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         sign = torch.randint(0, 2, (pos.numel(),), generator=gen).mul_(2).sub_(1)
         tuned = flat.clone()
         tuned[pos] = (old + sign * step).to(dtype)
-        if size and size + flat.numel() * flat.element_size() > 1e9:
-            shard["base"].append({})
-            shard["agent"].append({})
-            size = 0
-        shard["base"][-1][name], shard["agent"][-1][name] = w, tuned.view(shape)
-        size += flat.numel() * flat.element_size()
-    for key, d in (("base", base), ("agent", agent)):
-        n = len(shard[key])
-        weight_map = {}
-        for k, tensors in enumerate(shard[key], start=1):
-            file = f"model-{k:05d}-of-{n:05d}.safetensors"
-            save_file(tensors, d / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, file))
-        index = {"metadata": {}, "weight_map": weight_map}
-        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        writers[0].write(name, w)
+        writers[1].write(name, tuned.view(shape))
+    for writer in writers:
+        writer.close()
     stamp.write_text(json.dumps(want))
     return base, agent
 
