@@ -26,23 +26,15 @@ PARAM_FLAGS: tuple[tuple[str, type, str], ...] = (
 def add_inputs(parser: argparse.ArgumentParser) -> None:
     """--base, --agent, --method, the method's parameters, --device, --quiet."""
     parser.add_argument("--base", help="the base model folder (Hugging Face, safetensors)")
-    parser.add_argument(
-        "--agent",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="an agent fine-tuned from the base; repeat for each agent",
-    )
+    repeated = {
+        "--agent": ("NAME=PATH", "an agent fine-tuned from the base; repeat for each agent"),
+        "--param": ("NAME=VALUE", "any parameter of the method, e.g. --param density=0.9"),
+    }
+    for flag, (metavar, text) in repeated.items():
+        parser.add_argument(flag, action="append", default=[], metavar=metavar, help=text)
     parser.add_argument("--method", help="merge method (see `ram-trl methods`), default ram_plus")
     for name, kind, text in PARAM_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="any parameter of the method (see `ram-trl methods`), e.g. --param density=0.9",
-    )
     parser.add_argument("--device", help="where the arithmetic runs: cpu (default) or cuda")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -97,7 +97,7 @@ class AdapterWriter:
     (:meth:`add`), so only the small factors are kept; :meth:`write` then writes the folder.
 
     What :func:`save_lora_adapter` and the LoRA output of a merge (:class:`LoraSink`) are built
-    on; the arguments are :func:`save_lora_adapter`'s.
+    on; its keyword arguments are described under :func:`save_lora_adapter`.
     """
 
     def __init__(
@@ -249,16 +249,8 @@ def save_lora_adapter(
     deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     out_dir: str | os.PathLike,
     *,
-    rank: int,
-    base_model_name_or_path: str,
-    target_modules: Sequence[str] | str | None = None,
-    alpha: float | None = None,
-    fan_in_fan_out: bool = False,
-    embedding_modules: Iterable[str] | None = None,
-    method: Literal["svd", "lowrank"] = "svd",
-    dtype: torch.dtype = torch.float32,
-    task_type: str | None = "CAUSAL_LM",
     overwrite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Write dense deltas (e.g. a RAM merge of LoRA agents) as a PEFT LoRA adapter folder.
 
@@ -302,17 +294,7 @@ def save_lora_adapter(
         written modules), ``max_error``, ``dropped`` (name -> ``shape``, ``norm``, ``reason``),
         ``zero``, ``target_modules``, ``rank``, ``lora_alpha``, ``out_dir``.
     """
-    writer = AdapterWriter(
-        rank=rank,
-        base_model_name_or_path=base_model_name_or_path,
-        target_modules=target_modules,
-        alpha=alpha,
-        fan_in_fan_out=fan_in_fan_out,
-        embedding_modules=embedding_modules,
-        method=method,
-        dtype=dtype,
-        task_type=task_type,
-    )
+    writer = AdapterWriter(**options)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"output folder {out} already exists; pass overwrite=True to replace it")

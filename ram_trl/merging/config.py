@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
+from ram_trl.io.recipes import load_yaml
 
 
 @dataclass
@@ -38,16 +39,7 @@ class MergeConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"recipe {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise InputError(f"recipe {path} is not valid YAML: {error}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, "recipe"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:

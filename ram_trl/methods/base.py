@@ -21,6 +21,7 @@ function) and calling :func:`register`, in this package alone. Imports: torch an
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -200,3 +201,8 @@ def check_range(method: str, name: str, value: float, lo: float, hi: float, *, h
         raise InputError(
             f"{method}: parameter {name}={value!r} is out of range ({lo} <= {name} {upper})"
         )
+
+
+def check_scale(method: str, scale: float) -> None:
+    """The merged delta's ``scale``: any finite number."""
+    check_range(method, "scale", scale, -math.inf, math.inf, hi_open=True)

@@ -14,7 +14,6 @@ None of them uses RAM's change mask: that is the point of the comparison.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from ram_trl.methods.base import (
     ModelPlan,
     TensorStream,
     check_range,
+    check_scale,
     each_chunk,
     register,
 )
@@ -91,10 +91,6 @@ def dare_ties_rule(deltas: torch.Tensor, params: DareParams, ctx: ChunkContext) 
     return params.scale * disjoint_mean(dare(deltas, params.drop, ctx.seeds))
 
 
-def _check_scale(method: str, scale: float) -> None:
-    check_range(method, "scale", scale, -math.inf, math.inf, hi_open=True)
-
-
 @dataclass(frozen=True)
 class LinearParams:
     pass
@@ -105,7 +101,7 @@ class TaskArithmeticParams:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_scale("task_arithmetic", self.scale)
+        check_scale("task_arithmetic", self.scale)
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ class TiesParams:
 
     def __post_init__(self) -> None:
         check_range("ties", "keep", self.keep, 0.0, 1.0)
-        _check_scale("ties", self.scale)
+        check_scale("ties", self.scale)
 
 
 @dataclass(frozen=True)
@@ -126,7 +122,7 @@ class DareParams:
 
     def __post_init__(self) -> None:
         check_range("dare", "drop", self.drop, 0.0, 1.0, hi_open=True)
-        _check_scale("dare", self.scale)
+        check_scale("dare", self.scale)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InputError(f"dare: parameter seed={self.seed!r} must be an integer")
 

@@ -23,20 +23,25 @@ from dataclasses import dataclass
 import torch
 
 from ram_trl.methods import base
-from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, each_chunk
+from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, check_scale, each_chunk
 from ram_trl.methods.magnitude import kth_magnitude, trim_count
 
 
 @dataclass(frozen=True)
 class BreadcrumbsParams:
+    """mergekit's defaults for ``gamma``; ``density`` as in its documented example."""
+
+    #: fraction of each tensor's elements kept, per agent
     density: float = 0.9
+    #: fraction removed from the top (the largest magnitudes), at most ``1 - density``
     gamma: float = 0.01
+    #: scale of the summed kept deltas (mergekit's ``lambda``)
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        check_range("breadcrumbs", "density", self.density, 0.0, 1.0)
-        check_range("breadcrumbs", "gamma", self.gamma, 0.0, 1.0)
-        check_range("breadcrumbs", "scale", self.scale, -math.inf, math.inf, hi_open=True)
+        for name in ("density", "gamma"):  # fractions of the tensor
+            check_range("breadcrumbs", name, getattr(self, name), 0.0, 1.0)
+        check_scale("breadcrumbs", self.scale)
 
 
 def band(numel: int, density: float, gamma: float) -> tuple[int, int]:

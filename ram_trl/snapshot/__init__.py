@@ -5,49 +5,22 @@
   straight from two checkpoint folders.
 * :class:`TaskVectorSource`: a snapshot read lazily as if it were the agent's checkpoint, which
   is what the merge engine consumes.
-* :class:`SnapshotStore`: ``agents/<agent>/step-<N>/`` with atomic publishing for many writers.
+* :class:`SnapshotStore`: ``agents/<agent>/step-<N>/`` with atomic publishing for many writers;
+  :func:`resolve_store_agents` picks snapshots by ``NAME`` or ``NAME@STEP``.
 * :func:`fingerprint_of` (a folder or a state dict): which base a task vector belongs to.
 
-Names are imported lazily so that ``ram-trl --help`` does not import torch.
+Builds on :mod:`ram_trl.io` alone (and the change threshold of :mod:`ram_trl.methods`); the merge
+engine and the training code build on it. The ``snapshot`` and ``store`` commands are
+:mod:`ram_trl.cli.snapshot`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-_LAZY = {
-    "TaskVector": "ram_trl.snapshot.task_vector",
-    "TaskVectorSource": "ram_trl.snapshot.source",
-    "TensorDelta": "ram_trl.snapshot.task_vector",
-    "snapshot_folders": "ram_trl.snapshot.task_vector",
-    "Manifest": "ram_trl.snapshot.format",
-    "TensorEntry": "ram_trl.snapshot.format",
-    "validate": "ram_trl.snapshot.format",
-    "SnapshotStore": "ram_trl.snapshot.store",
-    "SnapshotRef": "ram_trl.snapshot.store",
-    "SnapshotInfo": "ram_trl.snapshot.store",
-    "fingerprint_of": "ram_trl.snapshot.fingerprint",
-    "fingerprint_folder": "ram_trl.snapshot.fingerprint",
-    "fingerprint_state_dict": "ram_trl.snapshot.fingerprint",
-    "resolve_store_agents": "ram_trl.snapshot.store",
-}
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ram_trl.snapshot.fingerprint import (
-        fingerprint_folder,
-        fingerprint_of,
-        fingerprint_state_dict,
-    )
-    from ram_trl.snapshot.format import Manifest, TensorEntry, validate
-    from ram_trl.snapshot.source import TaskVectorSource
-    from ram_trl.snapshot.store import (
-        SnapshotInfo,
-        SnapshotRef,
-        SnapshotStore,
-        resolve_store_agents,
-    )
-    from ram_trl.snapshot.task_vector import TaskVector, TensorDelta, snapshot_folders
+from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_of, fingerprint_state_dict
+from ram_trl.snapshot.format import Manifest, TensorEntry, validate
+from ram_trl.snapshot.source import TaskVectorSource
+from ram_trl.snapshot.store import SnapshotInfo, SnapshotRef, SnapshotStore, resolve_store_agents
+from ram_trl.snapshot.task_vector import TaskVector, TensorDelta, snapshot_folders
 
 __all__ = [
     "Manifest",
@@ -65,9 +38,3 @@ __all__ = [
     "snapshot_folders",
     "validate",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ram_trl.snapshot' has no attribute {name!r}")

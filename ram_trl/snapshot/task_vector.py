@@ -383,33 +383,17 @@ class TaskVector:
 
     @classmethod
     def from_module(
-        cls,
-        module: torch.nn.Module,
-        theta0: Mapping[str, torch.Tensor],
-        *,
-        epsilon: float = DEFAULT_EPSILON,
-        agent: str | None = None,
-        step: int | None = None,
-        metrics: Mapping[str, float] | None = None,
-        base_fingerprint: str | None = None,
+        cls, module: torch.nn.Module, theta0: Mapping[str, torch.Tensor], **options: Any
     ) -> TaskVector:
         """From a live module against ``theta0``, a copy of its state dict taken before training
-        (names as in ``module.state_dict()``). Ties are read from the live module, so a cloned
-        ``theta0`` may still hold the alias; it is ignored like in the saved folder."""
+        (names as in ``module.state_dict()``); ``options`` as :meth:`from_state_dicts`. Ties are
+        read from the live module, so a cloned ``theta0`` may still hold the alias; it is ignored
+        like in the saved folder."""
         live = unique_tensors(module.state_dict())
         missing = [n for n in live if n not in theta0]
         if missing:
             raise InputError(f"theta0 lacks {len(missing)} tensor(s) of the module: {missing[:5]}")
-        base = {n: theta0[n] for n in live}
-        return cls.from_state_dicts(
-            base,
-            live,
-            epsilon=epsilon,
-            agent=agent,
-            step=step,
-            metrics=metrics,
-            base_fingerprint=base_fingerprint,
-        )
+        return cls.from_state_dicts({n: theta0[n] for n in live}, live, **options)
 
     @classmethod
     def from_folders(

@@ -18,6 +18,7 @@ from typing import Any
 
 from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings
+from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
 
 
@@ -123,14 +124,8 @@ class RAMConfig:
     @property
     def generation(self) -> GenerationSettings:
         """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them."""
-        return GenerationSettings(
-            batch_size=self.eval_batch_size,
-            max_new_tokens=self.eval_max_new_tokens,
-            do_sample=self.eval_do_sample,
-            temperature=self.eval_temperature,
-            top_p=self.eval_top_p,
-            seed=self.eval_seed,
-        )
+        names = (f.name for f in dataclasses.fields(GenerationSettings))
+        return GenerationSettings(**{name: getattr(self, f"eval_{name}") for name in names})
 
     def merged_model_name(self, step: int) -> str:
         return self.merged_name.format(step=step, agent=self.agent)
@@ -152,15 +147,7 @@ class RAMConfig:
     def from_yaml(cls, path: str | Path, section: str | None = None) -> RAMConfig:
         """Load from a YAML file; ``section`` picks a sub-mapping (e.g. ``ram`` of a training
         recipe that also holds the trainer's arguments)."""
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"config {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise InputError(f"config {path} is not valid YAML: {e}") from None
+        data = load_yaml(path, "config")
         if section is not None:
             if not isinstance(data, dict) or section not in data:
                 raise InputError(f"config {path} has no section {section!r}")
