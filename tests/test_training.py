@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from ram_trl import merge
@@ -116,8 +117,8 @@ def test_only_hub_ids_become_base_model(tmp_path):
     assert hub_repo_id(str(cached)) == "Qwen/Qwen2-0.5B"
     assert hub_repo_id(str(tmp_path / "runs" / "base")) is None
     report = MergeReport("ram", {"epsilon": 1e-5}, str(cached), [], 0, out="o", counted=False)
-    front = render_model_card(report).split("---")[1]
-    assert "base_model: Qwen/Qwen2-0.5B" in front and "base_model_relation: merge" in front
+    card = ModelCard(render_model_card(report))  # what the Hub reads
+    assert card.data.base_model == "Qwen/Qwen2-0.5B" and card.data.base_model_relation == "merge"
 
 
 # --- entry points ----------------------------------------------------------------------------
