@@ -28,13 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from ram_trl.merging import OUTPUT_DTYPES
 from ram_trl.testing import make_sparse_agents, save_tiny_base
 
 #: Agent name -> multiple of --density. Sparse, medium and dense, like the paper's agents.
 DENSITY_FACTORS: dict[str, float] = {"code": 0.6, "tool": 4.0, "memory": 6.0}
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_SIZE: dict[str, int] = {"hidden_size": 128, "layers": 4}
 
 
@@ -58,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of each agent's changes drawn from the shared pool",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), default="float32")
     return parser.parse_args(argv)
 
 
@@ -67,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     densities = {name: factor * args.density for name, factor in DENSITY_FACTORS.items()}
     base = save_tiny_base(
-        args.out_dir / "base", args.arch, dtype=DTYPES[args.dtype], seed=args.seed, **MODEL_SIZE
+        args.out_dir / "base",
+        args.arch,
+        dtype=OUTPUT_DTYPES[args.dtype],
+        seed=args.seed,
+        **MODEL_SIZE,
     )
     try:
         make_sparse_agents(
