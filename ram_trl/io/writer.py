@@ -1,12 +1,12 @@
 """The one safetensors writer: tensors streamed into ``save_pretrained``-style shards.
 
-Nothing is ever gathered per shard. Each shard file starts with room for its JSON header, the
-tensor bytes are appended as they come (row chunk by row chunk), and the header is filled in
-when the shard is closed. The room is exact when every tensor is declared up front (a merge
-output, theta_0, test agents: :class:`ShardedWriter`), and an upper bound computed from the names
-that may come when sizes are known only as the tensors arrive (task-vector snapshots, whose sparse
-entries are sized while they are extracted: :meth:`ShardedWriter.appending`). Either way memory
-stays at one chunk however large the model.
+Nothing is ever gathered per shard. When every tensor is declared up front (a merge output,
+theta_0, test agents: :class:`ShardedWriter`), each shard's header is written first and the
+tensor bytes follow as they come, row chunk by row chunk. When sizes are known only as the
+tensors arrive (task-vector snapshots, whose sparse entries are sized while they are extracted:
+:meth:`ShardedWriter.appending`), each shard keeps room for its header, an upper bound computed
+from the names that may come, and fills it in when it is closed. Either way memory stays at one
+chunk however large the model.
 
 Files are written where they are asked to be; publishing a folder atomically is
 :func:`ram_trl.io.atomic.atomic_directory`'s job.
@@ -130,6 +130,7 @@ class _Shard:
     specs: list[TensorSpec] = field(default_factory=list)
     file: BinaryIO | None = None
     used: int = 0  # data bytes written
+    headed: bool = False  # its header is written (declared tensors: before the data)
 
 
 class ShardedWriter:
@@ -271,7 +272,8 @@ class ShardedWriter:
             self._open += 1
             current = self._shards[self._open]
             current.file = open(current.path, "wb")  # noqa: SIM115 - spans write()s
-            current.file.seek(8 + current.room)
+            current.file.write(self._header(current))  # known up front: the file stays sequential
+            current.headed = True
 
     # -- tensors sized as they come ----------------------------------------------------------
 
@@ -322,15 +324,20 @@ class ShardedWriter:
         shard = self._shards[self._open]
         if shard.file is None:
             return
-        header = _header_json(shard.specs, self._metadata)
-        if len(header) > shard.room:  # pragma: no cover - the room is exact or a bound
-            raise AssertionError("safetensors header exceeds the room kept for it")
-        shard.file.seek(0)
-        shard.file.write(shard.room.to_bytes(8, "little") + header.ljust(shard.room, b" "))
+        if not shard.headed:
+            shard.file.seek(0)
+            shard.file.write(self._header(shard))
         shard.file.flush()
         os.fsync(shard.file.fileno())
         shard.file.close()
         shard.file = None
+
+    def _header(self, shard: _Shard) -> bytes:
+        """The 8-byte length and the JSON header, padded with spaces to fill the shard's room."""
+        header = _header_json(shard.specs, self._metadata)
+        if len(header) > shard.room:  # pragma: no cover - the room is exact or a bound
+            raise AssertionError("safetensors header exceeds the room kept for it")
+        return shard.room.to_bytes(8, "little") + header.ljust(shard.room, b" ")
 
     def close(self) -> list[Path]:
         """Check that every byte was written, flush everything to disk, name the shards and write
