@@ -60,7 +60,8 @@ Arguments = tuple[AgentArguments, GRPOConfig, ModelConfig, RAMConfig]
 
 def parse(argv: list[str] | None = None) -> Arguments:
     """Parse the recipe and the command line; a mistake in either exits with one line."""
-    sys.path.insert(0, os.getcwd())  # reward modules next to the user, as TRL's scripts allow
+    if os.getcwd() not in sys.path:  # reward modules next to the user, as TRL's scripts allow
+        sys.path.insert(0, os.getcwd())
     try:
         script, training, model, ram = make_parser().parse_args_and_config(argv)
         if not script.reward_funcs:
@@ -111,9 +112,20 @@ def load_prompts(script: AgentArguments, training: GRPOConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ram_trl.errors import RAMError
+
+    arguments = parse(argv)
+    try:
+        train(*arguments)
+    except RAMError as e:  # e.g. the store already holds this agent: one line, no traceback
+        sys.exit(f"error: {e}")
+
+
+def train(
+    script: AgentArguments, training: GRPOConfig, model_args: ModelConfig, ram: RAMConfig
+) -> None:
     from trl import get_peft_config
 
-    script, training, model_args, ram = parse(argv)
     model = model_args.model_name_or_path or str(tiny_base(Path(script.tiny_base_dir), training))
     training.model_init_kwargs = {
         "revision": model_args.model_revision,
