@@ -128,3 +128,23 @@ def test_unknown_recipe_key_exits_with_one_line(tmp_path):
     recipe.write_text(AGENTS[0].read_text() + "merge_evry: 2\n")
     with pytest.raises(SystemExit, match="merge_evry"):
         _parse("--config", str(recipe))
+
+
+def test_dataset_name_loads_like_trl_scripts(tmp_path):
+    """``dataset_name`` goes to ``datasets.load_dataset`` (here a local folder of JSON lines);
+    the test split is loaded only with an eval strategy. Without it: the offline prompts."""
+    import train_agent
+
+    for split, prompts in (("train", ["a", "b", "c"]), ("test", ["d"])):
+        lines = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+        (tmp_path / f"{split}.jsonl").write_text(lines)
+    script, training, _, _ = _parse("--config", str(AGENTS[0]), "--dataset_name", str(tmp_path))
+    train, evaluation = train_agent.load_prompts(script, training)
+    assert train["prompt"] == ["a", "b", "c"] and evaluation is None
+    script, training, _, _ = _parse(
+        "--config", str(AGENTS[0]), "--dataset_name", str(tmp_path), "--eval_strategy", "steps"
+    )
+    assert train_agent.load_prompts(script, training)[1]["prompt"] == ["d"]
+    script, training, _, _ = _parse("--config", str(AGENTS[0]))
+    offline, _ = train_agent.load_prompts(script, training)
+    assert set(offline["prompt"]) == set(train_agent.OFFLINE_PROMPTS)
