@@ -283,12 +283,15 @@ def test_bad_configuration_fails_at_construction(base, tmp_path):
 
 
 def test_config_from_yaml(tmp_path):
-    recipe = ROOT / "recipes" / "train" / "grpo_ram.yaml"
-    import __main__
-
-    __main__.digits, __main__.letters = digits, letters  # the recipe names __main__:digits
-    config = RAMConfig.from_yaml(recipe, section="ram")
-    assert config.merge_method == "ram_plus" and config.eval_tasks[0].reward_funcs == [digits]
+    """A RAMConfig from YAML (the flat agent recipes: tests/test_recipes.py); typos are refused."""
+    good = tmp_path / "ram.yaml"
+    good.write_text(
+        "store: s\nagent: a\nmerge_params: {r: 0.2}\n"
+        "eval_tasks: [{name: t, prompts: ['1+1='], reward_funcs: ['test_callback:digits']}]\n"
+    )
+    config = RAMConfig.from_yaml(good)
+    assert config.merge_method == "ram_plus" and config.merge_params == {"r": 0.2}
+    assert config.eval_tasks[0].reward_funcs == [digits]
     bad = tmp_path / "bad.yaml"
     bad.write_text("store: s\nagent: a\nmerge_evry: 2\n")
     with pytest.raises(InputError, match="unknown field"):
@@ -297,31 +300,35 @@ def test_config_from_yaml(tmp_path):
 
 @pytest.mark.slow
 def test_two_concurrent_training_processes(tmp_path):
-    """examples/grpo_ram.py twice at once, one store: both publish, merges are valid."""
-    from ram_trl.snapshot import SnapshotStore
-    from ram_trl.testing import save_tiny_base
+    """Two agents' jobs at once into one store (examples/train_agent.py, each launched with the
+    one-GPU accelerate recipe, on CPU here; one trains LoRA): both race to write the tiny base,
+    both publish, merges are valid."""
+    from ram_trl.snapshot import SnapshotStore, validate
 
-    base = save_tiny_base(tmp_path / "base")  # written before: two writers would race
+    base = tmp_path / "base"  # neither job finds it: both write it, one publishes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    lora = {"digits": [], "letters": ["--use_peft", "--lora_r", "4"]}
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
-                "examples/grpo_ram.py",
-                "recipes/train/grpo_ram.yaml",
-                "--agent",
-                agent,
-                "--reward",
-                agent,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                "recipes/accelerate/single_gpu.yaml",
+                "examples/train_agent.py",
+                "--config",
+                f"recipes/grpo/{agent}.yaml",
                 "--store",
                 str(tmp_path / "store"),
-                "--base-dir",
+                "--tiny_base_dir",
                 str(base),
-                "--output-dir",
+                "--output_dir",
                 str(tmp_path / agent),
-                "--max-steps",
+                "--max_steps",
                 "8",
-            ],
+                *lora[agent],
+            ],  # fmt: skip
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -334,9 +341,13 @@ def test_two_concurrent_training_processes(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "digits", "letters", "store"]
+    assert (base / "model.safetensors").is_file()  # the loser's temporary folder is gone
     store = SnapshotStore(tmp_path / "store")
     assert store.agents() == ["digits", "letters"]
     assert all(i.valid for i in store.list())
+    lora_touched = {n for n, e in validate(store.path("letters", 8)).tensors.items() if e.nnz}
+    assert lora_touched and all("q_proj" in n or "v_proj" in n for n in lora_touched)  # PEFT's
     merged = [p for p in (tmp_path / "store" / "merged").iterdir() if not p.name.startswith(".")]
     assert merged and all((p / "config.json").is_file() for p in merged)
     print(f"two concurrent jobs: {time.time() - started:.1f} s")
@@ -360,6 +371,17 @@ def test_configs_parse_side_by_side_like_trl_scripts(tmp_path):
     ]
     grpo, ram = parser.parse_args_into_dataclasses([*args, "--snapshot_epsilon", "1e-6"])
     assert ram.agent == "a" and ram.snapshot_epsilon == 1e-6 and grpo.output_dir == str(tmp_path)
+    # dict and list fields come from a command line as JSON, as TrainingArguments' dict fields do
+    task = '[{"name": "t", "prompts": ["1+1="], "reward_funcs": ["test_callback:digits"]}]'
+    json_args = ["--merge_params", '{"r": 0.3}', "--eval_tasks", task]
+    _, ram = parser.parse_args_into_dataclasses([*args, *json_args])
+    assert ram.merge_params == {"r": 0.3} and ram.eval_tasks[0].reward_funcs == [digits]
+    with pytest.raises(InputError, match="merge_params: not valid JSON"):
+        parser.parse_args_into_dataclasses([*args, "--merge_params", "{r: 0.3}"])
+    with pytest.raises(InputError, match="eval_tasks must be a list"):
+        parser.parse_args_into_dataclasses([*args, "--eval_tasks", '{"name": "t"}'])
+    with pytest.raises(InputError, match="takes no parameter 'rr'"):
+        parser.parse_args_into_dataclasses([*args, "--merge_params", '{"rr": 0.3}'])
 
 
 def test_top_level_api_is_lazy():

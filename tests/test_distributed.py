@@ -1,14 +1,17 @@
-"""RAMCallback under real 2-process launches: ``accelerate launch`` with DDP (gloo), DeepSpeed
-ZeRO-2 and ZeRO-3 on CPU, and (``@pytest.mark.gpu``) FSDP and ZeRO-3 on a CUDA machine.
+"""RAMCallback under real 2-process launches of ``examples/train_agent.py`` with the accelerate
+recipes users copy (``recipes/accelerate/``): DDP on CPU (gloo) through ``cpu_ddp.yaml`` and
+``multi_gpu.yaml``, DeepSpeed ZeRO-2 and ZeRO-3 on CPU, and (``@pytest.mark.gpu``) one GPU, FSDP2
+and ZeRO-3 on a CUDA machine. ``RECIPES`` says which test launches each recipe, and a test
+checks that none is left out.
 
-Every launch runs ``examples/grpo_ram.py`` through ``tests/distributed/run_grpo_ram.py`` (which
-records, per rank, what the callback did) with the tiny recipe ``tests/distributed/grpo_ram.yaml``:
-4 GRPO steps, a save at steps 2 and 4, 4 generations of 8 tokens. Each launch has its own port,
+Every launch goes through ``tests/distributed/run_train_agent.py`` (which records, per rank,
+what the callback did) on an agent recipe of ``recipes/grpo/``, shortened on the command line
+(``TINY_RUN``): 4 GRPO steps, a save at steps 2 and 4, lr 1e-2. Each launch has its own port,
 its own process group and a wall-clock timeout, so a hung rank fails the test instead of CI.
 
 CPU notes (see the project's environment notes): ``accelerate launch --cpu --num_processes 2``
-silently runs ONE process, so the configs say ``distributed_type: MULTI_GPU`` / ``DEEPSPEED``
-with ``num_processes: 2`` while the recipe keeps ``use_cpu: true``; DeepSpeed needs
+silently runs ONE process, so the recipes say ``distributed_type: MULTI_GPU`` / ``DEEPSPEED``
+with ``num_processes`` >= 2 while the agent recipes keep ``use_cpu: true``; DeepSpeed needs
 ``DS_ACCELERATOR=cpu`` and JIT-builds a comm op once (about a minute, cached under
 ``TORCH_EXTENSIONS_DIR``, /tmp/ram-trl-torch-ext unless set).
 """
@@ -35,9 +38,22 @@ pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "tests" / "distributed"
-RECIPE = HERE / "grpo_ram.yaml"
-SAVES = [2, 4]  # the recipe's max_steps 4, save_steps 2
+WRAPPER = ROOT / "tests" / "distributed" / "run_train_agent.py"
+ACCELERATE = ROOT / "recipes" / "accelerate"
+AGENTS = ROOT / "recipes" / "grpo"
+# every accelerate recipe, and where it is launched: "cpu" here on any machine, "gpu" on CUDA
+RECIPES = {
+    "cpu_ddp.yaml": "cpu",
+    "multi_gpu.yaml": "cpu",  # on CPU too: MULTI_GPU + use_cpu is what cpu_ddp.yaml does
+    "deepspeed_zero2.yaml": "cpu",
+    "deepspeed_zero3.yaml": "cpu",
+    "single_gpu.yaml": "gpu",
+    "fsdp2.yaml": "gpu",
+}
+# the agent recipes, shortened; save_only_model: the callback needs no optimizer state
+TINY_RUN = ["--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-2",
+            "--save_only_model", "true"]  # fmt: skip
+SAVES = [2, 4]  # max_steps 4, save_steps 2
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ram-trl-torch-ext")
 TIMEOUT_DDP = 300  # s, a launch measured at about 25 s on 2 cores
 TIMEOUT_DS = 600  # s, the first DeepSpeed launch JIT-builds a comm op (about 60-90 s)
@@ -52,7 +68,7 @@ pytestmark = pytest.mark.slow
 class Run:
     out: Path  # the trainer's output_dir (checkpoint-N/)
     store: Path
-    ranks: list[dict]  # run_grpo_ram.py's record of each rank, by rank
+    ranks: list[dict]  # run_train_agent.py's record of each rank, by rank
     log: str
     seconds: float
 
@@ -84,30 +100,35 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def launch(
-    config: Path,
+    config: str,
     workdir: Path,
     *,
     base: Path,
     store: Path | None = None,
     agent: str = "digits",
-    recipe: Path = RECIPE,
+    args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     timeout: float = TIMEOUT_DDP,
-    num_processes: int = 2,
+    num_processes: int | None = 2,
 ) -> Run:
-    """``accelerate launch`` the example with 2 processes; fail with the log's tail if it does
-    not exit 0 within ``timeout`` or if a rank wrote no record (crashed or never finished)."""
+    """``accelerate launch --config_file recipes/accelerate/<config>`` the example on
+    ``recipes/grpo/<agent>.yaml`` with ``num_processes`` processes; fail with the log's tail if
+    it does not exit 0 within ``timeout`` or if a rank wrote no record (crashed or never
+    finished). ``num_processes=None`` keeps the recipe's own count (then it must start two)."""
+    assert config in RECIPES, config
+    processes = ["--num_processes", str(num_processes)] if num_processes else []
+    num_processes = num_processes or 2
     store = store or workdir / "store"
     out, record = workdir / f"out-{agent}", workdir / f"record-{agent}"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(config),
+        "--config_file", str(ACCELERATE / config),
         "--main_process_port", str(_free_port()),
-        "--num_processes", str(num_processes),
-        str(HERE / "run_grpo_ram.py"), str(recipe),
+        *processes,
+        str(WRAPPER), "--config", str(AGENTS / f"{agent}.yaml"),
         "--record", str(record),
-        "--agent", agent, "--reward", agent,
-        "--store", str(store), "--base-dir", str(base), "--output-dir", str(out),
+        "--store", str(store), "--tiny_base_dir", str(base), "--output_dir", str(out),
+        *TINY_RUN, *args,
     ]  # fmt: skip
     full_env = {
         **os.environ,
@@ -133,14 +154,14 @@ def launch(
     except subprocess.TimeoutExpired:
         _kill_tree(proc)
         log, _ = proc.communicate()
-        pytest.fail(f"{config.name}: no exit after {timeout} s (a hung rank?)\n{log[-4000:]}")
+        pytest.fail(f"{config}: no exit after {timeout} s (a hung rank?)\n{log[-4000:]}")
     seconds = time.perf_counter() - started
-    assert proc.returncode == 0, f"{config.name}: exit {proc.returncode}\n{log[-6000:]}"
+    assert proc.returncode == 0, f"{config}: exit {proc.returncode}\n{log[-6000:]}"
     files = sorted(record.glob("rank-*.json"))
     expected = [f"rank-{r}.json" for r in range(num_processes)]
     assert [f.name for f in files] == expected, (files, log[-4000:])  # else a rank died
     ranks = [json.loads(f.read_text()) for f in files]
-    print(f"\n{config.name} ({agent}): {seconds:.1f} s")
+    print(f"\n{config} ({agent}, {num_processes} processes): {seconds:.1f} s")
     return Run(out, store, ranks, log, seconds)
 
 
@@ -148,13 +169,18 @@ def launch(
 def base(tmp_path_factory) -> Path:
     from ram_trl.testing import save_tiny_base
 
-    # written before any launch: two ranks of build_base() would race on it
+    # one base for every launch, written once (each launch would otherwise write its own)
     return save_tiny_base(tmp_path_factory.mktemp("dist-base") / "base")
+
+
+def test_every_accelerate_recipe_is_launched():
+    assert sorted(p.name for p in ACCELERATE.glob("*.yaml")) == sorted(RECIPES)
 
 
 @pytest.fixture(scope="module")
 def ddp_run(base, tmp_path_factory) -> Run:
-    return launch(HERE / "ddp.yaml", tmp_path_factory.mktemp("ddp"), base=base)
+    # the recipe's own num_processes: the laptop config must start two processes by itself
+    return launch("cpu_ddp.yaml", tmp_path_factory.mktemp("ddp"), base=base, num_processes=None)
 
 
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -164,14 +190,14 @@ DS_ENV = {"DS_ACCELERATOR": "cpu"}
 def zero2_run(base, tmp_path_factory) -> Run:
     pytest.importorskip("deepspeed")
     work = tmp_path_factory.mktemp("zero2")
-    return launch(HERE / "zero2.yaml", work, base=base, env=DS_ENV, timeout=TIMEOUT_DS)
+    return launch("deepspeed_zero2.yaml", work, base=base, env=DS_ENV, timeout=TIMEOUT_DS)
 
 
 @pytest.fixture(scope="module")
 def zero3_run(base, tmp_path_factory) -> Run:
     pytest.importorskip("deepspeed")
     work = tmp_path_factory.mktemp("zero3")
-    return launch(HERE / "zero3.yaml", work, base=base, env=DS_ENV, timeout=TIMEOUT_DS)
+    return launch("deepspeed_zero3.yaml", work, base=base, env=DS_ENV, timeout=TIMEOUT_DS)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -212,7 +238,7 @@ def check_run(run: Run, tmp_path: Path, *, distributed_type: str, zero_stage, sh
         assert r["checkpoints"] == [[s, sharded] for s in SAVES], r["checkpoints"]
     assert r0["is_main"] and not any(r["is_main"] for r in others)
     if sharded and world == 2 and zero_stage == 3:
-        for r in run.ranks:  # stage3_param_persistence_threshold 0: each rank holds about half
+        for r in run.ranks:  # the recipe's persistence threshold: each rank holds about half
             assert r["numel_local"] <= 0.6 * r["numel_full"], r
     # exactly one snapshot per save, published by rank 0 only
     assert r0["puts"] == [["digits", s] for s in SAVES]
@@ -258,10 +284,12 @@ def test_ddp_one_snapshot_per_save(ddp_run, tmp_path):
 
 
 def test_ddp_second_agent_merges_on_rank0_only(ddp_run, base, tmp_path):
-    """A second agent's 2-process job on a copy of the store merges at each save, once."""
+    """A second agent's 2-process job on a copy of the store merges at each save, once; it is
+    launched with the multi-GPU recipe, which runs on CPU exactly as cpu_ddp.yaml does."""
     store = tmp_path / "store"
     shutil.copytree(ddp_run.store, store)
-    run = launch(HERE / "ddp.yaml", tmp_path, base=base, store=store, agent="letters")
+    run = launch("multi_gpu.yaml", tmp_path, base=base, store=store, agent="letters")
+    assert all(r["distributed_type"].endswith("MULTI_CPU") for r in run.ranks)
     _check_second_agent(run)
 
 
@@ -333,9 +361,8 @@ def test_zero3_second_agent_merges_on_rank0_only(zero3_run, base, tmp_path):
     """Merging and evaluating (the agent rebuilt from its snapshot) with a sharded model."""
     store = tmp_path / "store"
     shutil.copytree(zero3_run.store, store)
-    env = {"DS_ACCELERATOR": "cpu"}
     run = launch(
-        HERE / "zero3.yaml", tmp_path, base=base, store=store, agent="letters", env=env,
+        "deepspeed_zero3.yaml", tmp_path, base=base, store=store, agent="letters", env=DS_ENV,
         timeout=TIMEOUT_DS,
     )  # fmt: skip
     _check_second_agent(run)
@@ -356,32 +383,29 @@ def test_checkpoint_holds_its_own_snapshot_metrics(ddp_run):
 # -- GPU: FSDP and ZeRO-3 on CUDA (skipped without one) ---------------------------------------
 
 
-def _gpu_recipe(tmp_path: Path) -> Path:
-    import yaml
-
-    recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["train"].update(use_cpu=False, bf16=False)  # fp32: the bit-for-bit check stays exact
-    path = tmp_path / "grpo_ram_gpu.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _gpu_launch(config: str, base: Path, tmp_path: Path) -> Run:
-    """2 ranks on 2 GPUs; on a 1-GPU machine 1 rank (NCCL refuses two ranks on one GPU), which
-    still runs the sharded code paths (DTensor / ZeRO-3 parameters) end to end."""
-    n = min(2, torch.cuda.device_count())
+def _gpu_launch(config: str, base: Path, tmp_path: Path, *, processes: int = 2) -> Run:
+    """Up to ``processes`` ranks, one per GPU: on a 1-GPU machine 1 rank (NCCL refuses two ranks
+    on one GPU), which still runs the sharded code paths (DTensor / ZeRO-3 parameters) end to
+    end. The agent recipe's fp32 (bf16: false) keeps the bit-for-bit checks exact."""
+    n = min(processes, torch.cuda.device_count())
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))}
-    recipe = _gpu_recipe(tmp_path)
     return launch(
-        HERE / config, tmp_path, base=base, recipe=recipe, env=env, timeout=TIMEOUT_DS,
+        config, tmp_path, base=base, args=("--use_cpu", "false"), env=env, timeout=TIMEOUT_DS,
         num_processes=n,
     )  # fmt: skip
 
 
 @pytest.mark.gpu
+def test_gpu_single_gpu_one_snapshot_per_save(base, tmp_path):
+    run = _gpu_launch("single_gpu.yaml", base, tmp_path, processes=1)
+    check_run(run, tmp_path, distributed_type="NO", zero_stage=None, sharded=False)
+    assert run.ranks[0]["device"].startswith("cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_fsdp_one_snapshot_per_save(base, tmp_path):
     """FSDP2 through accelerate/Trainer, which does not run on CPU."""
-    run = _gpu_launch("fsdp.yaml", base, tmp_path)
+    run = _gpu_launch("fsdp2.yaml", base, tmp_path)
     check_run(run, tmp_path, distributed_type="FSDP", zero_stage=None, sharded=True)
     assert all(r["device"].startswith("cuda") for r in run.ranks)
 
@@ -389,6 +413,6 @@ def test_gpu_fsdp_one_snapshot_per_save(base, tmp_path):
 @pytest.mark.gpu
 @needs_deepspeed
 def test_gpu_zero3_one_snapshot_per_save(base, tmp_path):
-    run = _gpu_launch("zero3.yaml", base, tmp_path)
+    run = _gpu_launch("deepspeed_zero3.yaml", base, tmp_path)
     check_run(run, tmp_path, distributed_type="DEEPSPEED", zero_stage=3, sharded=True)
     assert all(r["device"].startswith("cuda") for r in run.ranks)

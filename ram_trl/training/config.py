@@ -10,6 +10,7 @@ import paths, since a YAML file cannot hold a Python callable.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,20 @@ from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings
 from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
+
+
+def _from_json(value: Any, name: str, kind: type) -> Any:
+    """A dict or list field, given as itself, as JSON text (from a command line) or as None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{name}: not valid JSON ({e.msg}): {value!r}") from None
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise InputError(f"{name} must be a {kind.__name__} (or its JSON), got {value!r}")
+    return value
 
 
 @dataclass
@@ -41,6 +56,9 @@ class RAMConfig:
         merge_every: merge after every k-th snapshot (0: never merge).
         min_agents: merge only when the store holds at least this many agents.
         merge_method, merge_params, merge_dtype: as ``ram_trl.merge``'s method/params/dtype.
+            ``merge_params`` and ``eval_tasks`` may also be given as JSON text, which is how a
+            command line (``HfArgumentParser`` / ``trl.TrlParser``) passes them, as
+            ``TrainingArguments`` does for its dict fields.
         merged_name: name of the merged model under ``<store>/merged/`` (``{step}``, ``{agent}``).
         merge_background: merge in a subprocess so that training is not paused by the merge.
         merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
@@ -63,13 +81,13 @@ class RAMConfig:
     merge_every: int = 1
     min_agents: int = 2
     merge_method: str = "ram_plus"
-    merge_params: dict[str, Any] = field(default_factory=dict)
+    merge_params: dict[str, Any] | str | None = field(default_factory=dict)
     merge_dtype: str | None = None
     merged_name: str = "step-{step}"
     merge_background: bool = False
     merge_output: str = "model"
     lora_rank: int = 16
-    eval_tasks: list[EvalTask] = field(default_factory=list)
+    eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
     eval_base: bool = False
     eval_agent: bool = True
     eval_batch_size: int = 8
@@ -86,7 +104,9 @@ class RAMConfig:
 
         self.store, self.agent = str(self.store), check_name(str(self.agent))
         self.base = None if self.base is None else str(self.base)
-        self.eval_tasks = [t if isinstance(t, EvalTask) else EvalTask(**t) for t in self.eval_tasks]
+        self.merge_params = _from_json(self.merge_params, "merge_params", dict)
+        tasks = _from_json(self.eval_tasks, "eval_tasks", list)
+        self.eval_tasks = [t if isinstance(t, EvalTask) else EvalTask(**t) for t in tasks]
         names = [t.name for t in self.eval_tasks]
         if len(set(names)) != len(names):
             raise InputError(f"eval task names must be unique, got {names}")

@@ -1,7 +1,8 @@
-"""``examples/grpo_ram.py`` under ``accelerate launch``, with a per-rank record for the tests.
+"""``examples/train_agent.py`` under ``accelerate launch``, with a per-rank record for the tests.
 
-    accelerate launch --config_file tests/distributed/ddp.yaml tests/distributed/run_grpo_ram.py \
-        tests/distributed/grpo_ram.yaml --record RECORD_DIR [grpo_ram.py's own options]
+    accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml \
+        tests/distributed/run_train_agent.py --config recipes/grpo/digits.yaml \
+        --record RECORD_DIR [train_agent.py's own options]
 
 It runs the example's ``main`` unchanged, after wrapping (observation only, nothing else changes):
 
@@ -85,9 +86,9 @@ def main() -> None:
     cb.RAMCallback.on_train_end = rec_train_end
     SnapshotStore.put = rec_put
 
-    import grpo_ram
+    import train_agent
 
-    grpo_ram.main(argv)
+    train_agent.main(argv)
 
 
 if __name__ == "__main__":
