@@ -66,16 +66,23 @@ _SMALL_MAGNITUDE = 1e-2  # floor on |w| when sizing a delta, so zero-initialised
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Return the character-level tokenizer (one token per character) with a chat template.
 
-    A hub tokenizer would need a download; this one is built in memory and round-trips through
-    ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` offline.
+    A hub tokenizer would need a download; this one is built in memory. It is a byte-level BPE
+    with no merges, the same kind of tokenizer Qwen2 ships: ``AutoTokenizer.from_pretrained``
+    rebuilds a saved Qwen2 folder's tokenizer as ``Qwen2Tokenizer`` (byte-level pre-tokenizer)
+    whatever class the folder names, so a plain character vocabulary would come back dropping
+    every space. Vocabulary entries are the byte-level spellings of :data:`CHARS` (space is
+    ``Ġ``, newline ``Ċ``), which both that rebuild and the tokenizer saved here read alike.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *CHARS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    spelled = [byte_level.pre_tokenize_str(char)[0][0] for char in CHARS]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *spelled])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",

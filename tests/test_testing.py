@@ -92,6 +92,27 @@ def test_saved_base_loads_and_generates(tiny_base_factory, arch: str) -> None:
     assert out.shape == (1, prompt["input_ids"].shape[1] + 4)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_saved_tokenizer_reloads_exactly_through_auto_tokenizer(tiny_base_factory, arch) -> None:
+    """transformers rebuilds a Qwen2 folder's tokenizer as a byte-level Qwen2Tokenizer whatever
+    class it names; a plain character vocabulary then lost every space (15 ids, not 17)."""
+    from transformers import AutoTokenizer
+
+    from ram_trl.testing import CHARS
+
+    reloaded = AutoTokenizer.from_pretrained(tiny_base_factory(arch))
+    built = build_tokenizer()
+    text = "weather in paris?\ncall:weather(city=paris) " + CHARS
+    assert len(reloaded("weather in paris?")["input_ids"]) == 17
+    assert reloaded(text)["input_ids"] == built(text)["input_ids"]
+    assert reloaded.decode(reloaded(text)["input_ids"]) == text
+    assert reloaded.apply_chat_template(
+        [{"role": "user", "content": "a b"}], tokenize=False, add_generation_prompt=True
+    ) == built.apply_chat_template(
+        [{"role": "user", "content": "a b"}], tokenize=False, add_generation_prompt=True
+    )
+
+
 def test_sharded_save_has_index_and_same_weights(tiny_base_factory) -> None:
     sharded, single = tiny_base_factory(sharded=True), tiny_base_factory()
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
