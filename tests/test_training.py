@@ -58,6 +58,38 @@ def test_a_hand_written_loop_snapshots_and_merges(tiny_base_factory, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_snapshot_dtype_counts_the_changes_a_bf16_checkpoint_keeps(tmp_path):
+    """Training in float32, saving bf16: theta_0 and snapshots are the bf16 views, so an update
+    below bf16 resolution is no change and one above it is stored as the bf16 checkpoint has it."""
+    from ram_trl.testing import build_tiny_model
+
+    model = build_tiny_model(dtype=torch.bfloat16).float()  # loaded from a bf16 checkpoint
+    run = AgentRun(
+        model, RAMConfig(store=str(tmp_path / "s"), agent="a", snapshot_dtype="bfloat16")
+    )
+    run.start()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        theta0 = weight.detach().clone()
+        weight[0].mul_(1 + 2**-12)  # relative change far below bf16's 2**-8 spacing
+        weight[1].add_(1.0)  # a change every checkpoint shows
+    logs = run.snapshot(1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = load_file(tmp_path / "s" / "base" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in base.values())
+    assert torch.equal(base[name], theta0.to(torch.bfloat16))
+    tuned = TaskVectorSource(
+        SnapshotStore(tmp_path / "s").get("a", 1).path, tmp_path / "s" / "base"
+    )
+    after = tuned.read(name)
+    assert after.dtype == torch.bfloat16
+    assert torch.equal(after, weight.detach().to(torch.bfloat16))
+    changed = (after.float() - base[name].float()).abs() > 1e-5
+    assert not changed[0].any() and changed[1].all() and not changed[2:].any()
+    total = sum(p.numel() for p in model.parameters())
+    assert logs["ram/changed_fraction"] == pytest.approx(weight.shape[1] / total)
+
+
 def test_snapshot_before_start_is_an_error(tiny_base_factory, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ram_trl.errors import InputError
@@ -22,6 +23,7 @@ from ram_trl.training.weights import (
     Reordered,
     base_rename,
     base_specs,
+    cast_stream,
     iter_state,
     trained_weights,
 )
@@ -30,16 +32,25 @@ BASE_DIR = "base"
 
 
 def write_base(
-    folder: Path, model: nn.Module, tokenizer: Any | None, *, main: bool, shard_size: str = "5GB"
+    folder: Path,
+    model: nn.Module,
+    tokenizer: Any | None,
+    *,
+    main: bool,
+    shard_size: str = "5GB",
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write ``model``'s current base weights (theta_0; for PEFT the frozen base layers) as a
     ``save_pretrained``-style folder at ``folder``, atomically, with config and tokenizer so that
     merged models built on it load with ``from_pretrained``. Collective under ZeRO-3/FSDP: call
-    on every rank; only ``main`` writes."""
+    on every rank; only ``main`` writes. ``dtype``: store the weights in it (the checkpoints'
+    dtype, ``RAMConfig.snapshot_dtype``)."""
     from ram_trl.io import ShardedWriter, TensorSpec, atomic_directory, parse_size
 
-    specs = [TensorSpec(n, shape, dtype) for n, (shape, dtype) in base_specs(model).items()]
-    stream = iter_state(root_module(model), rename=base_rename(model), main=main)
+    specs = [TensorSpec(n, shape, dt) for n, (shape, dt) in base_specs(model, dtype).items()]
+    stream = cast_stream(
+        iter_state(root_module(model), rename=base_rename(model), main=main), dtype
+    )
     if not main:
         for _ in stream:
             pass
@@ -67,10 +78,12 @@ def snapshot_model(
     metrics: dict[str, float] | None = None,
     replace: bool = False,
     main: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Path | None, float]:
     """Publish the task vector of ``model`` against ``base`` as ``agent``'s ``step`` in
     ``store`` (on ``main``; the others only take part in the gathers). Returns the path (None
-    off ``main``) and the seconds it took."""
+    off ``main``) and the seconds it took. ``dtype``: compare (and store) the model's weights
+    cast to it, as a checkpoint saved in that dtype holds them."""
     from ram_trl.io import ModelFolder
     from ram_trl.snapshot import snapshot_folders
 
@@ -78,7 +91,7 @@ def snapshot_model(
     with ModelFolder(base) as folder:
         order = list(base_specs(model))
         base_view = Reordered(folder, order)
-        tuned = trained_weights(model, base_view, main=main)
+        tuned = trained_weights(model, base_view, main=main, dtype=dtype)
         if not main:
             tuned.drain()
             return None, time.perf_counter() - started

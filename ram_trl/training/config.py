@@ -48,6 +48,11 @@ class RAMConfig:
             train begin and written once to ``<store>/base/`` (see ``RAMCallback``).
         snapshot_steps: ``None``: snapshot at every checkpoint save; ``N``: every N steps.
         snapshot_on_train_end: also snapshot the final weights if the last step was not.
+        snapshot_dtype: the dtype checkpoints are stored in (e.g. ``"bfloat16"``): theta_0 and
+            every snapshot are cast to it before they are compared, so that a task vector holds
+            the changes a saved checkpoint shows. Training in float32 and saving bf16, as RL
+            frameworks do, an update below bf16 resolution is no change, as in the paper's
+            checkpoints. ``None``: the model's own dtype.
         snapshot_epsilon: a snapshot keeps the elements with ``|tau| > snapshot_epsilon``; must
             not exceed the merge's epsilon. (Not ``epsilon``: ``GRPOConfig`` has one, and both
             configs parse side by side in ``HfArgumentParser``.)
@@ -76,6 +81,7 @@ class RAMConfig:
     snapshot_steps: int | None = None
     snapshot_on_train_end: bool = True
     snapshot_epsilon: float = CHANGE_EPSILON
+    snapshot_dtype: str | None = None
     keep_last: int | None = None
     overwrite: bool = False
     merge_every: int = 1
@@ -120,6 +126,10 @@ class RAMConfig:
                 f"snapshot_epsilon={eps!r} must be >= 0 and <= the merge's epsilon "
                 f"({merge_epsilon}): a snapshot drops changes below its epsilon"
             )
+        if self.snapshot_dtype is not None:
+            from ram_trl.merging.engine import parse_dtype
+
+            parse_dtype(self.snapshot_dtype)  # validates
         for name, low in (("snapshot_steps", 1), ("keep_last", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):

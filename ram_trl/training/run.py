@@ -32,11 +32,12 @@ from torch import nn
 from ram_trl.distributed import Ranks, is_sharded
 from ram_trl.errors import InputError
 from ram_trl.lora import density_warning, is_peft_model, root_module
+from ram_trl.merging.engine import parse_dtype
 from ram_trl.merging.report import MergeReport
 from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.jobs import BackgroundMerge, latest_snapshots, merge_snapshots
-from ram_trl.training.weights import base_rename, iter_state
+from ram_trl.training.weights import base_rename, cast_stream, iter_state
 
 
 def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -61,10 +62,10 @@ def _open_store(root: str) -> Any:
     return store
 
 
-def _live_base_fingerprint(model: nn.Module) -> str:
+def _live_base_fingerprint(model: nn.Module, dtype: torch.dtype | None) -> str:
     from ram_trl.snapshot import fingerprint_state_dict
 
-    state = dict(iter_state(root_module(model), rename=base_rename(model)))
+    state = dict(cast_stream(iter_state(root_module(model), rename=base_rename(model)), dtype))
     return fingerprint_state_dict(state)  # type: ignore[arg-type]
 
 
@@ -119,6 +120,7 @@ class AgentRun:
         self.base_dir: Path | None = None
         self.last_step: int | None = None  # the step of the last snapshot
         self._replace = self.config.overwrite
+        self._dtype = parse_dtype(self.config.snapshot_dtype)
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
         self._base_rewards: dict[str, float] | None = None
@@ -144,7 +146,7 @@ class AgentRun:
         if recorded is None:
             return  # a new store: theta_0 is written at start
         if not is_sharded(self.model):
-            fp = _live_base_fingerprint(self.model)
+            fp = _live_base_fingerprint(self.model, self._dtype)
             if fp != recorded:
                 raise InputError(
                     f"the model of agent {self.config.agent!r} has base fingerprint {fp}, but the "
@@ -169,7 +171,7 @@ class AgentRun:
         if not folder.is_dir():
             # another job may publish it first (an InputError here): checked just below
             with contextlib.suppress(InputError):
-                write_base(folder, self.model, self.tokenizer, main=self.is_main)
+                write_base(folder, self.model, self.tokenizer, main=self.is_main, dtype=self._dtype)
         self.ranks.barrier()
         if self.is_main:
             from ram_trl.snapshot import fingerprint_folder
@@ -248,6 +250,7 @@ class AgentRun:
             epsilon=self.config.snapshot_epsilon,
             replace=self._replace,
             main=self.is_main,
+            dtype=self._dtype,
         )
         self.last_step, self._snapshots = step, self._snapshots + 1
         if not self.is_main:

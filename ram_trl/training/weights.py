@@ -84,10 +84,27 @@ def base_rename(model: nn.Module) -> Callable[[str], str | None]:
     return lambda n: None if _PEFT_ONLY.search(n) else base_weight_name(n)
 
 
-def base_specs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of theta_0's tensors, in model order, without gathering."""
+def base_specs(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of theta_0's tensors, in model order, without gathering; with
+    ``dtype``, floating-point tensors are listed in it (see :func:`cast_stream`)."""
     root, rename = root_module(model), base_rename(model)
-    return {n: (shape_of(t), t.dtype) for raw, t in _entries(root) if (n := rename(raw))}
+    return {
+        n: (shape_of(t), dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        for raw, t in _entries(root)
+        if (n := rename(raw))
+    }
+
+
+def cast_stream(
+    stream: Iterator[tuple[str, torch.Tensor | None]], dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """The floating-point tensors of ``stream`` in ``dtype`` (the dtype checkpoints are
+    stored in; rounding, as ``save_pretrained`` of a cast model does), the others as they are."""
+    for name, t in stream:
+        cast = dtype is not None and t is not None and t.is_floating_point()
+        yield name, t.to(dtype) if cast else t
 
 
 @dataclass(frozen=True)
@@ -174,9 +191,12 @@ class StreamedWeights:
         self._pending.clear()
 
 
-def trained_weights(model: nn.Module, base: Any, *, main: bool = True) -> StreamedWeights:
+def trained_weights(
+    model: nn.Module, base: Any, *, main: bool = True, dtype: torch.dtype | None = None
+) -> StreamedWeights:
     """The trained weights of ``model`` as a weight source with ``base``'s names: for a PEFT
-    model base + LoRA deltas (computed one module at a time), else the model's own tensors."""
+    model base + LoRA deltas (computed one module at a time), else the model's own tensors
+    (cast to ``dtype`` when given)."""
     if is_peft_model(model):
         from ram_trl.lora import lora_deltas
 
@@ -189,8 +209,9 @@ def trained_weights(model: nn.Module, base: Any, *, main: bool = True) -> Stream
         return StreamedWeights(
             deltas, infos, label="<trained LoRA model>", combine=combine, missing=base.read
         )
-    specs = base_specs(model)
+    specs = base_specs(model, dtype)
     infos = {
         n: _Info(tuple(i.shape), specs.get(n, (None, i.dtype))[1]) for n, i in base.tensors.items()
     }
-    return StreamedWeights(iter_state(model, main=main), infos, label="<trained model>")
+    stream = cast_stream(iter_state(model, main=main), dtype)
+    return StreamedWeights(stream, infos, label="<trained model>")
