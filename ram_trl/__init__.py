@@ -23,6 +23,8 @@ _LAZY = {
     "EvalTask": "ram_trl.evaluation",
     "GenerationSettings": "ram_trl.evaluation",
     "evaluate": "ram_trl.evaluation",
+    "search": "ram_trl.merging.search",
+    "Candidate": "ram_trl.merging.search",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,12 +33,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
     from ram_trl.merging.config import MergeConfig
     from ram_trl.merging.engine import merge
+    from ram_trl.merging.search import Candidate, search
     from ram_trl.probe import probe
     from ram_trl.training.config import RAMConfig
     from ram_trl.training.run import AgentRun
 
 __all__ = [
     "AgentRun",
+    "Candidate",
     "EvalTask",
     "GenerationSettings",
     "InputError",
@@ -49,10 +53,14 @@ __all__ = [
     "evaluate",
     "merge",
     "probe",
+    "search",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # found once; also wins over a submodule of the same name
+        # (importing ram_trl.probe binds the module to the attribute ``probe``)
+        return value
     raise AttributeError(f"module 'ram_trl' has no attribute {name!r}")

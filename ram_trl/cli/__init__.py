@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 #: modules with an ``add_parser(subparsers)``, in the order ``--help`` lists their commands
-COMMANDS = ("ram_trl.cli.merge", "ram_trl.cli.probe", "ram_trl.cli.snapshot")
+COMMANDS = ("ram_trl.demo.cli", "ram_trl.cli.merge", "ram_trl.cli.probe", "ram_trl.cli.snapshot")
 
 
 def build_parser() -> argparse.ArgumentParser:
