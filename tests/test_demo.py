@@ -98,3 +98,33 @@ def test_bad_demo_arguments_are_one_line(tmp_path):
         ]
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_recipes_are_the_presets():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+    assert DemoConfig.from_yaml(root / "default.yaml") == DemoConfig()
+    assert DemoConfig.from_yaml(root / "quick.yaml") == DemoConfig.preset(
+        True, out="runs/demo-quick"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("quick", "no"),
+        ("learning_rate", "3e-6"),
+        ("grpo_steps", 2.5),
+        ("agents", True),
+        ("scale_grid", [0.5, "x"]),
+        ("model", 7),
+    ],  # fmt: skip
+)
+def test_recipe_values_of_the_wrong_kind_name_the_field(tmp_path, field, value):
+    import yaml
+
+    from ram_trl.errors import InputError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({field: value}))
+    with pytest.raises(InputError, match=field):
+        DemoConfig.from_yaml(recipe)

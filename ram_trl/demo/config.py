@@ -42,9 +42,9 @@ class DemoConfig:
     val_prompts: int = 40
     train_prompts: int = 2000
     # -- GRPO, per agent ---------------------------------------------------------------------
-    grpo_steps: int = 100
-    save_steps: int = 25
-    learning_rate: float = 3e-5
+    grpo_steps: int = 300
+    save_steps: int = 50
+    learning_rate: float = 3e-6
     optim: str = "adamw_torch"
     adam_epsilon: float = 1e-8
     beta: float = 0.0
@@ -60,6 +60,7 @@ class DemoConfig:
     r_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2])
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not isinstance(self.agents, int) or not 2 <= self.agents <= len(TASK_ORDER):
             raise InputError(
                 f"agents must be an integer in 2..{len(TASK_ORDER)}, got {self.agents}"
@@ -74,6 +75,28 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_types(self) -> None:
+        """Recipe values of the wrong kind are an error naming the field (a YAML ``"no"`` is no
+        bool, ``1e-5`` written as text no number)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            if default is None:
+                ok = value is None or isinstance(value, str)
+            elif isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                kinds = (int,) if isinstance(default, int) else (int, float)
+                ok = isinstance(value, kinds) and not isinstance(value, bool)
+            elif isinstance(default, list):
+                ok = isinstance(value, list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+                )
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise InputError(f"demo setting {f.name}: expected {_kind(default)}, got {value!r}")
 
     @property
     def tasks(self) -> list[str]:
@@ -112,10 +135,20 @@ class DemoConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"demo recipe {path}: unknown field(s) {unknown}")
+        if not isinstance(data.get("quick", False), bool):
+            raise InputError(f"demo recipe {path}: quick must be true or false")
         return cls.preset(
-            bool(data.pop("quick", False)) or bool(overrides.pop("quick", False)),
+            data.pop("quick", False) or bool(overrides.pop("quick", False)),
             **{**data, **{k: v for k, v in overrides.items() if v is not None}},
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _kind(default: Any) -> str:
+    if default is None:
+        return "a path or null"
+    if isinstance(default, list):
+        return "a list of numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[type(default)]
