@@ -1,6 +1,6 @@
 """Write a tiny base model and three synthetic RL agents for the ram-trl demo (offline, seconds).
 
-    python examples/make_agents.py runs/demo [--arch qwen2|llama] [--density 0.05]
+    python examples/make_agents.py runs/synthetic [--arch qwen2|llama] [--density 0.05]
         [--overlap 0.5] [--seed 0] [--dtype float32|bfloat16]
 
 Writes ``OUT_DIR/base`` (a 4-layer, hidden-128 Qwen2 or Llama with a character tokenizer, about
@@ -17,7 +17,7 @@ of every tensor, and ``--overlap`` of each agent's changes come from a pool that
 (see ``ram_trl.testing.make_sparse_agents`` for the exact definition). With the default overlap
 ``d`` can go up to about 0.12 before the agents no longer fit in the tensors.
 
-Then merge them with ``ram-trl merge recipes/merge/demo.yaml``.
+Then merge them with ``ram-trl merge recipes/merge/synthetic.yaml``.
 """
 
 from __future__ import annotations

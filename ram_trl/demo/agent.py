@@ -85,7 +85,6 @@ def run(spec: RunSpec) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32)
     args = GRPOConfig(
         output_dir=str(out / "trainer"),
-        use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
         report_to="none",

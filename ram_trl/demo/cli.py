@@ -50,6 +50,10 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = run(config, progress=not args.quiet)
     print()
+    print(
+        f"test reward per task (greedy, {config.test_prompts} prompts each); merges tuned on "
+        f"{config.val_prompts} validation prompts per task; retention = merged / specialist score"
+    )
     print(results.table())
     print()
     print("task vectors (stored bf16 vs the base; changed = |agent - base| > 1e-5):")
@@ -61,5 +65,6 @@ def run_demo(args: argparse.Namespace) -> int:
     merges = len(results.during_training)
     print(f"in-training merges logged by RAMCallback: {merges} (see results.json)")
     print(f"wrote {config.out}/results.json, results.png, probe.png")
-    print(f"demo took {time.perf_counter() - started:.0f} s")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items())
+    print(f"demo took {time.perf_counter() - started:.0f} s ({stages})")
     return 0

@@ -89,7 +89,7 @@ def candidates(config: DemoConfig) -> dict[str, list[Candidate]]:
     }
 
 
-def run(config: DemoConfig, *, progress: bool = True, echo=print) -> Results:
+def run(config: DemoConfig, *, progress: bool = True) -> Results:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -123,42 +123,34 @@ def run(config: DemoConfig, *, progress: bool = True, echo=print) -> Results:
     runs.run_concurrently(specs, config.concurrency, progress=progress)
     seconds["rl"] = time.perf_counter() - clock
 
-    # -- merges and the table ------------------------------------------------------------------
+    # -- the table: every model on the test split; merges tuned on validation -----------------
+    from tqdm.auto import tqdm
+
     clock = time.perf_counter()
-    rows = [Row("base", "base", score(base, test, settings, config.device))]
-    for task in config.tasks:
-        rows.append(
-            Row(
-                task,
-                "specialist",
-                score(out / "agents" / task / "final", test, settings, config.device),
-            )
-        )
-    rows.append(
-        Row("joint RL", "joint", score(out / "joint" / "final", test, settings, config.device))
-    )
+    models = {"base": ("base", base)}
+    models.update({t: ("specialist", out / "agents" / t / "final") for t in config.tasks})
+    models["joint RL"] = ("joint", out / "joint" / "final")
+    rows = [
+        Row(name, kind, score(path, test, settings, config.device))
+        for name, (kind, path) in tqdm(models.items(), desc="test evaluation", disable=not progress)
+    ]
+    seconds["evaluation"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     agents = _store_agents(out / "store", base, config.tasks)
-    for label, tried in candidates(config).items():
-        ranked = search(
-            base,
-            agents,
-            tried,
-            val,
-            generation=settings,
-            device=config.device,
-            out=out / "merged" / label.replace(" ", "_").replace("(", "").replace(")", ""),
-            progress=False,
-        )
+    tried_by_row = candidates(config)
+    bar = tqdm(total=sum(map(len, tried_by_row.values())), desc="merges", disable=not progress)
+    for label, tried in tried_by_row.items():
+        bar.set_postfix_str(label)
+        ranked = search(base, agents, tried, val, generation=settings, device=config.device,
+                        out=out / "merged" / _folder_name(label), progress=False)  # fmt: skip
+        bar.update(len(tried))
         best = ranked[0]
+        params = ", ".join(f"{k}={v}" for k, v in best.candidate.params.items())
+        setting = params if len(tried) > 1 else "paper default"
         scores = score(best.path, test, settings, config.device)
-        setting = (
-            ", ".join(f"{k}={v}" for k, v in best.candidate.params.items())
-            if len(tried) > 1
-            else "paper default"
-        )
         rows.append(Row(label, "merge", scores, setting=setting, validation=best.score))
-        echo(f"merged {label}: {setting}")
-    seconds["merge_and_eval"] = time.perf_counter() - clock
+    bar.close()
+    seconds["merges"] = time.perf_counter() - clock
 
     from ram_trl import probe
     from ram_trl.probe import save_plot
@@ -184,6 +176,11 @@ def run(config: DemoConfig, *, progress: bool = True, echo=print) -> Results:
     results.add_retention()
     results.save(out)
     return results
+
+
+def _folder_name(label: str) -> str:
+    """``ram_plus (r tuned)`` -> ``ram_plus_r_tuned``."""
+    return label.replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def _store_agents(store: Path, base: Path, tasks: list[str]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def grpo_settings(config: DemoConfig, tasks: list[str], steps: int) -> dict[str,
         "max_completion_length": max(TASKS[t].max_completion_tokens for t in tasks),
         "temperature": config.temperature,
         "seed": config.seed,
+        "use_cpu": config.device == "cpu",  # float32 training either way; bf16 checkpoints
     }
 
 

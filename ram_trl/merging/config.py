@@ -2,12 +2,12 @@
 
 A recipe holds the same fields as the ``ram-trl merge`` flags::
 
-    base: runs/demo/base
-    agents: {code: runs/demo/agents/code, tool: runs/demo/agents/tool}
+    base: runs/synthetic/base
+    agents: {code: runs/synthetic/agents/code, tool: runs/synthetic/agents/tool}
     method: ram_plus
     parameters: {r: 0.1, alpha: 2.0, epsilon: 1.0e-5}
     rho_scope: global
-    out: runs/demo/merged
+    out: runs/synthetic/merged
 """
 
 from __future__ import annotations
