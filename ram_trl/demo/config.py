@@ -42,8 +42,8 @@ class DemoConfig:
     val_prompts: int = 40
     train_prompts: int = 2000
     # -- GRPO, per agent ---------------------------------------------------------------------
-    grpo_steps: int = 300
-    save_steps: int = 50
+    grpo_steps: int = 600
+    save_steps: int = 100
     learning_rate: float = 3e-6
     optim: str = "adamw_torch"
     adam_epsilon: float = 1e-8
