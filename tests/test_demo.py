@@ -128,3 +128,19 @@ def test_recipe_values_of_the_wrong_kind_name_the_field(tmp_path, field, value):
     recipe.write_text(yaml.safe_dump({field: value}))
     with pytest.raises(InputError, match=field):
         DemoConfig.from_yaml(recipe)
+
+
+def test_a_given_float32_model_becomes_a_cached_bf16_base(tiny_base_factory, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from ram_trl.demo.pretrain import bf16_copy
+
+    fp32 = tiny_base_factory()
+    copy = bf16_copy(fp32, tmp_path / "base")
+    assert copy == tmp_path / "base"
+    got, want = load_file(copy / "model.safetensors"), load_file(fp32 / "model.safetensors")
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
+    assert (copy / "tokenizer.json").is_file()
+    assert bf16_copy(copy, tmp_path / "again") == copy  # already bf16: used as it is
+    assert bf16_copy(fp32, tmp_path / "base") == copy  # cached

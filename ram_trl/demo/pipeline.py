@@ -22,7 +22,7 @@ import torch
 
 from ram_trl.demo import runs
 from ram_trl.demo.config import DemoConfig
-from ram_trl.demo.pretrain import pretrain
+from ram_trl.demo.pretrain import bf16_copy, pretrain
 from ram_trl.demo.report import Results, Row
 from ram_trl.demo.tasks import TASKS, Split, splits
 from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
@@ -100,7 +100,7 @@ def run(config: DemoConfig, *, progress: bool = True) -> Results:
 
     # -- the base ----------------------------------------------------------------------------
     if config.model is not None:
-        base = Path(config.model)
+        base = bf16_copy(Path(config.model), out / "base")
     else:
         stamp = {
             k: getattr(config, k)

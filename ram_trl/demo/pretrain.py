@@ -82,3 +82,29 @@ def _encode(tokenizer: Any, batch: list[tuple[str, str]]) -> tuple[torch.Tensor,
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
     return input_ids, labels
+
+
+def bf16_copy(model: Path, folder: Path) -> Path:
+    """``model`` (a user's ``--model`` folder) as the demo's base: itself when it is stored in
+    bfloat16, else a bfloat16 copy at ``folder`` (cached). The agents' checkpoints are bf16, and a
+    task vector against a float32 base would count the base's own rounding as change."""
+    from ram_trl.io import ModelFolder
+
+    with ModelFolder(model) as source:
+        floats = {i.dtype for i in source.tensors.values() if i.dtype.is_floating_point}
+    if floats == {torch.bfloat16}:
+        return model
+    stamp = {"source": str(model.resolve()), "dtype": "bfloat16"}
+    if (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()) == stamp:
+        return folder
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_directory(folder) as tmp:
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(model).save_pretrained(tmp)
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
+    return folder
