@@ -37,7 +37,7 @@ from ram_trl.merging.report import MergeReport
 from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.jobs import BackgroundMerge, latest_snapshots, merge_snapshots
-from ram_trl.training.weights import base_rename, cast_stream, iter_state
+from ram_trl.training.weights import base_rename, cast_stream, iter_state, policy_of
 
 
 def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -85,8 +85,8 @@ class AgentRun:
     the stored theta_0 instead of its resumed weights.
 
     Args:
-        model: the model being trained (a loop that re-wraps it assigns the new one to
-            ``run.model``).
+        model: the model being trained, or a PPO wrapper of policy and value model, whose
+            policy is the agent (a loop that re-wraps it assigns the new one to ``run.model``).
         config: a :class:`RAMConfig`, a mapping of its fields or a YAML path.
         tokenizer: saved with theta_0 and used by evaluation (a processor's ``tokenizer`` is).
         ranks: which rank is the main one, and a barrier (default: ``torch.distributed``).
@@ -112,11 +112,11 @@ class AgentRun:
         self.ranks = ranks if ranks is not None else Ranks.from_torch()
         self.device = device
         self.store = _open_store(self.config.store)
-        self.peft = is_peft_model(model)
+        self.peft = is_peft_model(self.model)
         if self.peft:
             from ram_trl.lora import lora_deltas
 
-            lora_deltas(model)  # validates eagerly: DoRA & co. fail here, not at a snapshot
+            lora_deltas(self.model)  # validates eagerly: DoRA & co. fail here, not at a snapshot
         self.base_dir: Path | None = None
         self.last_step: int | None = None  # the step of the last snapshot
         self._replace = self.config.overwrite
@@ -127,6 +127,16 @@ class AgentRun:
         self._warned = False
         self._touched_fraction = 0.0
         self._check_base()
+
+    @property
+    def model(self) -> nn.Module:
+        """The policy being trained (a PPO wrapper's value model is left out: see
+        :func:`~ram_trl.training.weights.policy_of`)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model = policy_of(model)
 
     @property
     def is_main(self) -> bool:

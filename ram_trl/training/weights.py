@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ram_trl.distributed import full, gathered, is_dtensor, is_zero3
+from ram_trl.distributed import full, gathered, is_dtensor, is_zero3, unwrap
 from ram_trl.errors import InputError
 from ram_trl.lora import base_weight_name, is_peft_model, root_module
 
@@ -51,6 +51,24 @@ def _entries(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             seen.add(id(t))
             yield dot + name, t
+
+
+def policy_of(model: nn.Module) -> nn.Module:
+    """The policy inside an RL wrapper that also holds a value model, else ``model`` itself.
+
+    PPO trains a value head beside the policy, and only the policy is an agent: its task vector
+    and theta_0 must not hold the value (or reward) model, which the base never had. Recognized:
+    TRL's ``PolicyAndValueWrapper`` (``.policy`` and ``.value_model``; the PPO trainer of TRL
+    0.12-1.12, in ``trl.experimental.ppo`` from 0.26) and ``AutoModelForCausalLMWithValueHead``
+    (``.pretrained_model`` and ``.v_head``; TRL <= 0.11), inside DDP or not. A hand-written loop
+    passes its policy module.
+    """
+    inner = unwrap(model)
+    if hasattr(inner, "policy") and hasattr(inner, "value_model"):
+        return inner.policy
+    if hasattr(inner, "pretrained_model") and hasattr(inner, "v_head"):
+        return inner.pretrained_model
+    return model
 
 
 def shape_of(t: torch.Tensor) -> tuple[int, ...]:
