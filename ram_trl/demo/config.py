@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
-from ram_trl.io.recipes import load_yaml
+from ram_trl.io.recipes import check_fields, load_yaml
 
 #: the order in which ``--agents N`` takes tasks
 TASK_ORDER = ("tool", "arith", "memory", "code")
@@ -128,13 +128,7 @@ class DemoConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DemoConfig:
-        data = load_yaml(path, "demo recipe")
-        if not isinstance(data, dict):
-            raise InputError(f"demo recipe {path}: expected a mapping of DemoConfig fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"demo recipe {path}: unknown field(s) {unknown}")
+        data = check_fields(load_yaml(path, "demo recipe"), cls, f"demo recipe {path}")
         if not isinstance(data.get("quick", False), bool):
             raise InputError(f"demo recipe {path}: quick must be true or false")
         return cls.preset(
