@@ -101,7 +101,13 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         trainer.train()
     s = SnapshotStore(store)
     assert s.agents() == ["digits", "letters"] and s.steps("letters") == [2, 4]
-    assert sorted(p.name for p in (store / "merged").iterdir()) == ["step-2", "step-4"]
+    # one entry per state of the store, named by a store-wide number; train end reused the last
+    entries = s.merged.entries()
+    assert [(e.name, e.steps) for e in entries] == [
+        ("merge-000001", {"digits": 4, "letters": 2}),
+        ("merge-000002", {"digits": 4, "letters": 4}),
+    ]
+    assert os.readlink(store / "merged" / "latest") == "merge-000002"
     sources = {a: TaskVectorSource(s.get(a, 4).path, store / "base") for a in ("digits", "letters")}
     merge(
         store / "base",
@@ -111,8 +117,8 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         params={"r": 0.1, "alpha": 2.0},
         progress=False,
     )
-    files_equal(store / "merged" / "step-4", tmp_path / "offline")
-    assert (store / "merged" / "step-4" / "README.md").is_file()  # model card
+    files_equal(store / "merged" / "latest", tmp_path / "offline")
+    assert (store / "merged" / "latest" / "README.md").is_file()  # model card
     last = logged(trainer, "eval_merged/")[-1]
     for key in (
         "ram/changed_fraction",
@@ -122,6 +128,7 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         "ram/unique_share",
         "ram/rho/digits",
         "ram/lambda/letters",
+        "ram/merge_lag_steps",
         "eval_merged/digits/reward",
         "eval_agent/digits/reward",
         "eval_base/digits/reward",
@@ -192,7 +199,7 @@ def test_background_merge_with_lora_output(base, tmp_path):
             eval_max_new_tokens=4,
         )
         trainer.train()
-    out = store / "merged" / "step-2"
+    out = store / "merged" / "latest"
     assert (out / "adapter_config.json").is_file()
     report = json.loads((out / "ram_trl_merge.json").read_text())
     assert 0 <= report["lora"]["error"] < 1
@@ -200,10 +207,40 @@ def test_background_merge_with_lora_output(base, tmp_path):
     assert "ram/lora_error" in last and "ram/merge_wait_seconds" in last
 
 
+def test_background_merges_coalesce_and_the_last_snapshots_are_merged(base, tmp_path):
+    """A merge in a subprocess takes seconds, a training step a fraction of one: the snapshots
+    taken meanwhile are coalesced into the next merge (not dropped), and train end merges every
+    agent's last snapshot, equal to ``ram-trl merge --store`` of them."""
+    from ram_trl.cli import main
+    from ram_trl.snapshot import SnapshotStore
+
+    store = tmp_path / "store"
+    first = grpo(base, tmp_path / "a", digits, steps=4)
+    attach(first, store=store, agent="a")
+    first.train()
+    trainer = grpo(base, tmp_path / "b", letters, steps=8)
+    attach(trainer, store=store, agent="b", merge_background=True)
+    trainer.train()
+    s = SnapshotStore(store)
+    assert s.steps("b") == [2, 4, 6, 8]
+    assert s.merged.latest().steps == {"a": 4, "b": 8}  # the final generalist is not stale
+    entries = s.merged.entries()
+    assert len(entries) < 4  # four saves, fewer merges: they coalesced
+    assert [e.steps["b"] for e in entries] == sorted({e.steps["b"] for e in entries})
+    offline = tmp_path / "offline"
+    assert main(["merge", "--store", str(store), "--out", str(offline), "-q"]) == 0
+    files_equal(store / "merged" / "latest", offline)
+    lags = [h["ram/merge_lag_steps"] for h in logged(trainer, "ram/merge_lag_steps")]
+    assert lags[-1] == 0 and min(lags) >= 0  # how stale each merge was when it landed
+    assert not [p for p in (store / "merged").iterdir() if p.name.startswith(".")]
+
+
 def test_plain_trainer_and_rloo(base, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from trl import RLOOConfig, RLOOTrainer
+
+    from ram_trl.snapshot import SnapshotStore
 
     tok = AutoTokenizer.from_pretrained(base)
     enc = tok(["1+1=2", "2*3=6"] * 4)
@@ -246,7 +283,8 @@ def test_plain_trainer_and_rloo(base, tmp_path):
     )
     attach(rloo, store=tmp_path / "store", agent="rloo", base=str(base))
     rloo.train()
-    assert sorted(p.name for p in (tmp_path / "store" / "merged").iterdir()) == ["step-2"]
+    (entry,) = SnapshotStore(tmp_path / "store").merged.entries()
+    assert entry.steps == {"rloo": 2, "sft": 2}
     assert "ram/rho/sft" in logged(rloo, "ram/")[-1]
 
 

@@ -61,7 +61,7 @@ class RAMCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._model()
-        self._log(self.run.poll())
+        self._log(self.run.poll(state.global_step))
         every = self.config.snapshot_steps
         if every is not None and state.global_step % every == 0:
             self._log(self.run.snapshot_and_merge(state.global_step))
@@ -75,7 +75,7 @@ class RAMCallback(TrainerCallback):
         self._model()
         if self.config.snapshot_on_train_end and state.global_step != self.run.last_step:
             self._log(self.run.snapshot_and_merge(state.global_step))
-        self._log(self.run.close())
+        self._log(self.run.close(state.global_step))
 
     def _log(self, logs: dict[str, float]) -> None:
         # Trainer.log itself, not the trainer's override: GRPO's log() would flush (and so

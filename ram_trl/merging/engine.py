@@ -72,6 +72,7 @@ def merge(
     dry_run: bool = False,
     progress: bool = True,
     lora_rank: int | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeReport:
     """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
 
@@ -80,7 +81,8 @@ def merge(
     With ``lora_rank`` it is a PEFT LoRA adapter of that rank instead, the merged delta
     re-factorized by truncated SVD (``ram_trl.lora.LoraSink``). With ``dry_run`` every input is
     validated (headers, shapes, finiteness) and the statistics are computed, but nothing is
-    written.
+    written. ``extra_files`` (name -> content) join the folder before it is published, so that a
+    record a store keeps with its merges (``merge_inputs.json``) is never missing from one.
     """
     from ram_trl import __version__
 
@@ -140,6 +142,8 @@ def merge(
             report.seconds["merge_pass"] = time.perf_counter() - merging
             report.seconds["total"] = time.perf_counter() - started
             (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
     return report
 
 

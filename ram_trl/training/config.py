@@ -21,6 +21,7 @@ from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings
 from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
+from ram_trl.training.jobs import MergeSettings
 
 
 def _from_json(value: Any, name: str, kind: type) -> Any:
@@ -53,14 +54,21 @@ class RAMConfig:
             configs parse side by side in ``HfArgumentParser``.)
         keep_last: keep only this agent's newest snapshots (``None``: keep all).
         overwrite: a fresh (not resumed) run may replace this agent's existing snapshots.
-        merge_every: merge after every k-th snapshot (0: never merge).
+        merge: who merges the store's agents. ``"self"``: this job, after its snapshots (every
+            job sharing the store may; they make one merge per state of the store, see
+            ``ram_trl.snapshot.merged``); ``"watcher"``: a ``ram-trl watch STORE`` process does,
+            and this job only snapshots; ``"never"``: nobody during training.
+        merge_every: with ``merge="self"``, merge after every k-th snapshot (0: never merge).
         min_agents: merge only when the store holds at least this many agents.
         merge_method, merge_params, merge_dtype: as ``ram_trl.merge``'s method/params/dtype.
             ``merge_params`` and ``eval_tasks`` may also be given as JSON text, which is how a
             command line (``HfArgumentParser`` / ``trl.TrlParser``) passes them, as
             ``TrainingArguments`` does for its dict fields.
-        merged_name: name of the merged model under ``<store>/merged/`` (``{step}``, ``{agent}``).
         merge_background: merge in a subprocess so that training is not paused by the merge.
+            Merges coalesce: snapshots taken while one runs are merged (their newest) as soon as
+            it ends, and at train end the job waits for, or runs, the merge of every agent's
+            newest snapshot, so the final generalist includes the last snapshots.
+        keep_last_merged: keep only the newest merged entries of the store (``None``: all).
         merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
             ``lora_rank``, re-factorized by truncated SVD).
         eval_tasks: evaluate the merged model (and the agent, and optionally the base) on these.
@@ -78,13 +86,14 @@ class RAMConfig:
     snapshot_epsilon: float = CHANGE_EPSILON
     keep_last: int | None = None
     overwrite: bool = False
+    merge: str = "self"
     merge_every: int = 1
     min_agents: int = 2
     merge_method: str = "ram_plus"
     merge_params: dict[str, Any] | str | None = field(default_factory=dict)
     merge_dtype: str | None = None
-    merged_name: str = "step-{step}"
     merge_background: bool = False
+    keep_last_merged: int | None = None
     merge_output: str = "model"
     lora_rank: int = 16
     eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
@@ -120,7 +129,7 @@ class RAMConfig:
                 f"snapshot_epsilon={eps!r} must be >= 0 and <= the merge's epsilon "
                 f"({merge_epsilon}): a snapshot drops changes below its epsilon"
             )
-        for name, low in (("snapshot_steps", 1), ("keep_last", 1)):
+        for name, low in (("snapshot_steps", 1), ("keep_last", 1), ("keep_last_merged", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
@@ -131,15 +140,12 @@ class RAMConfig:
         for name in ("eval_batch_size", "eval_max_new_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer")
+        if self.merge not in ("self", "watcher", "never"):
+            raise InputError(f"merge must be 'self', 'watcher' or 'never', got {self.merge!r}")
         if self.merge_output not in ("model", "lora"):
             raise InputError(f"merge_output must be 'model' or 'lora', got {self.merge_output!r}")
         if self.eval_device not in ("cpu", "train"):
             raise InputError(f"eval_device must be 'cpu' or 'train', got {self.eval_device!r}")
-        try:
-            self.merged_name.format(step=0, agent=self.agent)
-        except (KeyError, IndexError, ValueError) as e:
-            message = f"merged_name {self.merged_name!r} may use only {{step}} and {{agent}}: {e}"
-            raise InputError(message) from None
 
     @property
     def generation(self) -> GenerationSettings:
@@ -147,8 +153,17 @@ class RAMConfig:
         names = (f.name for f in dataclasses.fields(GenerationSettings))
         return GenerationSettings(**{name: getattr(self, f"eval_{name}") for name in names})
 
-    def merged_model_name(self, step: int) -> str:
-        return self.merged_name.format(step=step, agent=self.agent)
+    @property
+    def merge_settings(self) -> MergeSettings:
+        """What and how this job merges, as :func:`ram_trl.training.jobs.merge_store` takes it."""
+        return MergeSettings(
+            method=self.merge_method,
+            params=dict(self.merge_params),
+            dtype=self.merge_dtype,
+            output=self.merge_output,
+            lora_rank=self.lora_rank,
+            min_agents=self.min_agents,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RAMConfig:

@@ -35,7 +35,7 @@ from ram_trl.lora import density_warning, is_peft_model, root_module
 from ram_trl.merging.report import MergeReport
 from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
 from ram_trl.training.config import RAMConfig
-from ram_trl.training.jobs import BackgroundMerge, latest_snapshots, merge_snapshots
+from ram_trl.training.jobs import BackgroundMerge, MergeOutcome, merge_store
 from ram_trl.training.weights import base_rename, iter_state
 
 
@@ -52,7 +52,7 @@ def _open_store(root: str) -> Any:
     from ram_trl.snapshot import SnapshotStore
 
     try:
-        store = SnapshotStore(root)
+        store = SnapshotStore(Path(root).absolute())  # reports and cards then name absolute paths
         probe = Path(root) / "agents" / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
@@ -121,6 +121,8 @@ class AgentRun:
         self._replace = self.config.overwrite
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
+        self._coalesce = False  # snapshots arrived while a background merge ran
+        self._logged_entry: str | None = None
         self._base_rewards: dict[str, float] | None = None
         self._warned = False
         self._touched_fraction = 0.0
@@ -214,25 +216,46 @@ class AgentRun:
         return logs
 
     def snapshot_and_merge(self, step: int) -> dict[str, float]:
-        """Snapshot as ``step``, then merge when ``merge_every`` says one is due."""
+        """Snapshot as ``step``, then merge when ``merge="self"`` and ``merge_every`` say one is
+        due (a background merge still running makes the next one take the newest snapshots as
+        soon as it ends, instead)."""
         logs = self._snapshot(step)
         every = self.config.merge_every
-        if self.is_main and every and self._snapshots % every == 0:
+        if self.is_main and self._merges_here and every and self._snapshots % every == 0:
             logs.update(self._merge(step))
         self.ranks.barrier()
         return logs
 
-    def poll(self) -> dict[str, float]:
-        """The metrics of a background merge that has finished since, else ``{}`` (no wait)."""
+    def poll(self, step: int | None = None) -> dict[str, float]:
+        """The metrics of a background merge that has finished since, else ``{}`` (no wait);
+        ``step`` is the loop's current step (for ``ram/merge_lag_steps``)."""
         if self._background is not None and self.is_main and self._background.done():
-            return self._finish_background()
+            return self._finish_background(step, restart=True)
         return {}
 
-    def close(self) -> dict[str, float]:
-        """Wait for a background merge still running; its metrics."""
-        if self._background is not None and self.is_main:
-            return self._finish_background()
-        return {}
+    def close(self, step: int | None = None) -> dict[str, float]:
+        """At train end: wait for a background merge still running, then (``merge="self"``)
+        make sure the newest snapshot of every agent is merged (reusing an entry of that state
+        made by any job); the metrics."""
+        logs: dict[str, float] = {}
+        if self.is_main:
+            step = self.last_step if step is None else step
+            if self._background is not None:
+                logs.update(self._finish_background(step, restart=False))
+            if self._merges_here and self.config.merge_every:
+                outcome = merge_store(
+                    self.store,
+                    self._base(),
+                    self.config.merge_settings,
+                    keep_last_merged=self.config.keep_last_merged,
+                )
+                if outcome is not None and outcome.entry.name != self._logged_entry:
+                    logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
+        return logs
+
+    @property
+    def _merges_here(self) -> bool:
+        return self.config.merge == "self"
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -278,35 +301,67 @@ class AgentRun:
             logs["ram/lora_changed_fraction"] = self._touched_fraction
         return logs
 
+    def _base(self) -> Path:
+        if self.base_dir is None:
+            raise RuntimeError("AgentRun.start() has not run")
+        return self.base_dir
+
     def _merge(self, step: int) -> dict[str, float]:
-        snapshots = latest_snapshots(self.store)
-        if len(snapshots) < self.config.min_agents:
-            return {}
-        out = self.store.merged_dir(self.config.merged_model_name(step))
-        fallback = self.store.merged_dir(f"{out.name}-{self.config.agent}")
-        if out.exists():  # another agent's job merged at this step number
-            out = fallback
         cfg = self.config
-        job = dict(
-            base=str(self.base_dir),
-            snapshots=snapshots,
-            out=str(out),
-            fallback_out=str(fallback) if fallback != out else None,
-            method=cfg.merge_method,
-            params=dict(cfg.merge_params),
-            dtype=cfg.merge_dtype,
-            output=cfg.merge_output,
-            lora_rank=cfg.lora_rank,
+        if not cfg.merge_background:  # a state another job is merging right now is its to make
+            outcome = merge_store(
+                self.store,
+                self._base(),
+                cfg.merge_settings,
+                wait=False,
+                keep_last_merged=cfg.keep_last_merged,
+            )
+            return self._outcome_logs(outcome, step, "ram/merge_seconds")
+        if self._background is None:
+            self._start_background(step)
+        else:
+            self._coalesce = True  # merged as soon as the running one ends
+        return {}
+
+    def _start_background(self, step: int | None) -> None:
+        cfg = self.config
+        self._background = BackgroundMerge(
+            self.store.root,
+            self._base(),
+            cfg.merge_settings,
+            keep_last_merged=cfg.keep_last_merged,
+            step=step,
         )
-        if cfg.merge_background:
-            if self._background is None:
-                self._background = BackgroundMerge(job, step)
-            return {}
+
+    def _finish_background(self, step: int | None, *, restart: bool) -> dict[str, float]:
+        assert self._background is not None
+        job, self._background = self._background, None
         started = time.perf_counter()
-        report = merge_snapshots(**job)
-        logs = self._merge_logs(report)
-        logs["ram/merge_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report.out)))
+        outcome = job.result()
+        logs = self._outcome_logs(outcome, step)
+        logs["ram/merge_wait_seconds"] = time.perf_counter() - started
+        if restart and self._coalesce:
+            self._coalesce = False
+            self._start_background(step)
+        return logs
+
+    def _outcome_logs(
+        self, outcome: MergeOutcome | None, step: int | None, seconds_key: str | None = None
+    ) -> dict[str, float]:
+        """Statistics of a merged entry, how stale it is, and its evaluation."""
+        if outcome is None:
+            return {}
+        entry = outcome.entry
+        logs = self._merge_logs(outcome.report())
+        if seconds_key is not None:
+            logs[seconds_key] = outcome.seconds
+        logs["ram/merge_sequence"] = float(entry.sequence)
+        logs["ram/merge_reused"] = float(not outcome.made)
+        own = entry.steps.get(self.config.agent)
+        if own is not None and step is not None:
+            logs["ram/merge_lag_steps"] = float(step - own)
+        self._logged_entry = entry.name
+        logs.update(self._evaluate(entry.path, lora=entry.is_adapter))
         return logs
 
     def _merge_logs(self, report: MergeReport) -> dict[str, float]:
@@ -334,19 +389,9 @@ class AgentRun:
             logs["ram/lora_error"] = report.lora.error
         return logs
 
-    def _finish_background(self) -> dict[str, float]:
-        assert self._background is not None
-        job, self._background = self._background, None
-        started = time.perf_counter()
-        report = job.result()
-        logs = self._merge_logs(report)
-        logs["ram/merge_wait_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report.out)))
-        return logs
-
     # -- evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, merged: Path) -> dict[str, float]:
+    def _evaluate(self, merged: Path, *, lora: bool) -> dict[str, float]:
         from ram_trl.evaluation import evaluate, load_model
 
         cfg = self.config
@@ -365,7 +410,7 @@ class AgentRun:
                     out[f"{prefix}/{task.name}/{key}"] = value
             return out
 
-        model = load_model(merged, self.base_dir, device, lora=cfg.merge_output == "lora")
+        model = load_model(merged, self.base_dir, device, lora=lora)
         logs.update(run("eval_merged", model))
         del model
         if cfg.eval_agent:
