@@ -41,7 +41,7 @@ def grpo(base: Path, out: Path, reward, *, steps: int = 4, peft_config=None, mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    kw = {"learning_rate": 1e-2, **kw}
+    kw = {"learning_rate": 1e-2, "max_completion_length": 8, **kw}
     args = GRPOConfig(
         output_dir=str(out),
         use_cpu=True,
@@ -50,7 +50,6 @@ def grpo(base: Path, out: Path, reward, *, steps: int = 4, peft_config=None, mod
         save_steps=2,
         per_device_train_batch_size=4,
         num_generations=4,
-        max_completion_length=8,
         report_to=[],
         logging_steps=1,
         gradient_checkpointing=False,
@@ -235,6 +234,76 @@ def test_background_merges_coalesce_and_the_last_snapshots_are_merged(base, tmp_
     assert not [p for p in (store / "merged").iterdir() if p.name.startswith(".")]
 
 
+SEEN: list[dict] = []
+
+
+def recording(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **kw):
+    """A reward function that takes GRPO's keyword arguments by name and logs through them."""
+    SEEN.append({"state": trainer_state, "lengths": [len(ids) for ids in completion_ids]})
+    log_metric("mean_length", sum(map(len, completion_ids)) / len(completion_ids))
+    log_extra("length", [len(ids) for ids in completion_ids])
+    return digits(prompts, completions)
+
+
+def test_evaluation_follows_the_trainer(base, tmp_path):
+    """Own cadence (every step, merged or not), the trainer's max_completion_length and
+    reward_weights, TRL's reward keyword arguments, and the base scored once per store."""
+    import json
+
+    store = tmp_path / "store"
+    task = EvalTask("t", PROMPTS, [recording, letters])
+    first = grpo(base, tmp_path / "a", digits, steps=2)
+    attach(first, store=store, agent="a")
+    first.train()
+    trainer = grpo(base, tmp_path / "b", [recording, letters], steps=4, max_completion_length=3,
+                   reward_weights=[2.0, 0.5])  # fmt: skip
+    attach(trainer, store=store, agent="b", eval_tasks=[task], eval_every_steps=1, eval_base=True)
+    SEEN.clear()
+    trainer.train()
+    evals = logged(trainer, "eval_agent/")
+    # every step, not only at merges; at train end, the final generalist (merged at step 4's save)
+    assert [h["step"] for h in evals] == [1, 2, 3, 4, 4]
+    assert "eval_merged/t/reward" not in evals[0]  # nothing merged yet at step 1
+    last = evals[-1]
+    assert last["ram/eval_merge_sequence"] == 2  # the newest merged model, {a: 2, b: 4}
+    for prefix in ("eval_merged", "eval_agent", "eval_base"):
+        r = {k.rsplit("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{prefix}/t/")}
+        assert r["reward"] == pytest.approx(2.0 * r["recording"] + 0.5 * r["letters"])
+        assert 0 <= r["mean_length"] <= 3  # logged by the reward function through log_metric
+    assert all(max(s["lengths"]) <= 3 for s in SEEN)  # GRPO's length, not 64
+    assert all(s["state"] is trainer.state for s in SEEN[1:])  # [0]: the construction check
+    (cache,) = (store / "eval").glob("base-*.json")
+    assert json.loads(cache.read_text()) == {k: v for k, v in last.items() if "eval_base" in k}
+    cache.write_text(json.dumps({"eval_base/t/reward": 123.0}))  # a later job reads the cache
+    again = grpo(base, tmp_path / "c", [recording, letters], steps=1, max_completion_length=3,
+                 reward_weights=[2.0, 0.5])  # fmt: skip
+    attach(again, store=store, agent="c", eval_tasks=[task], eval_every_steps=1, eval_base=True)
+    again.train()
+    assert logged(again, "eval_base/")[-1]["eval_base/t/reward"] == 123.0
+
+
+def test_a_broken_reward_function_fails_at_construction(base, tmp_path):
+    def boom(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    def short(prompts, completions, **kwargs):
+        return []
+
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
+    trainer = grpo(base, tmp_path / "run", digits)
+    for func, message in (
+        (boom, r"eval task 't': reward function 'boom' failed on the task's first prompt: KeyErr"),
+        (short, "reward function 'short' returned 0 rewards for 1 completion"),
+        (no_kwargs, "reward function 'no_kwargs' does not take GRPOTrainer's keyword arguments"),
+    ):
+        with pytest.raises(InputError, match=message):
+            attach(
+                trainer, store=tmp_path / "s", agent="a", eval_tasks=[EvalTask("t", PROMPTS, func)]
+            )
+
+
 def test_plain_trainer_and_rloo(base, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -340,7 +409,8 @@ def test_config_from_yaml(tmp_path):
 def test_two_concurrent_training_processes(tmp_path):
     """Two agents' jobs at once into one store (examples/train_agent.py, each launched with the
     one-GPU accelerate recipe, on CPU here; one trains LoRA): both race to write the tiny base,
-    both publish, merges are valid."""
+    both publish, merges are valid, no store state is merged twice, and the last one holds both
+    agents' final snapshots."""
     from ram_trl.snapshot import SnapshotStore, validate
 
     base = tmp_path / "base"  # neither job finds it: both write it, one publishes
@@ -386,8 +456,10 @@ def test_two_concurrent_training_processes(tmp_path):
     assert all(i.valid for i in store.list())
     lora_touched = {n for n, e in validate(store.path("letters", 8)).tensors.items() if e.nnz}
     assert lora_touched and all("q_proj" in n or "v_proj" in n for n in lora_touched)  # PEFT's
-    merged = [p for p in (tmp_path / "store" / "merged").iterdir() if not p.name.startswith(".")]
-    assert merged and all((p / "config.json").is_file() for p in merged)
+    entries = store.merged.entries()  # one merge per state of the store, whoever made it
+    assert entries and all((e.path / "config.json").is_file() for e in entries)
+    assert len({e.key for e in entries}) == len(entries)
+    assert store.merged.latest().steps == {"digits": 8, "letters": 8}
     print(f"two concurrent jobs: {time.time() - started:.1f} s")
 
 

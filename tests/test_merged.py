@@ -107,7 +107,7 @@ def test_a_waiter_gets_the_entry_another_process_made(filled, tmp_path) -> None:
             [sys.executable, "-c", code, str(store.root), str(base)],
             stdout=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(3)
     ]
     made = [p.communicate(timeout=120)[0].split()[-1] for p in procs]

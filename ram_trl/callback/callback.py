@@ -20,6 +20,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ram_trl.distributed import Ranks
+from ram_trl.evaluation import TrainerContext
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.run import AgentRun, as_config
 
@@ -46,6 +47,7 @@ class RAMCallback(TrainerCallback):
             tokenizer=getattr(trainer, "processing_class", None),
             ranks=Ranks.from_accelerator(trainer.accelerator),
             device=trainer.args.device,
+            context=trainer_context(trainer),
         )
 
     @property
@@ -57,6 +59,7 @@ class RAMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._model()
+        self.run.context.state = state  # train() made a new one: what reward functions get
         self.run.start(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -65,6 +68,9 @@ class RAMCallback(TrainerCallback):
         every = self.config.snapshot_steps
         if every is not None and state.global_step % every == 0:
             self._log(self.run.snapshot_and_merge(state.global_step))
+        every = self.config.eval_every_steps
+        if every is not None and state.global_step % every == 0:
+            self._log(self.run.evaluate(state.global_step))
 
     def on_save(self, args, state, control, **kwargs):
         self._model()
@@ -82,6 +88,36 @@ class RAMCallback(TrainerCallback):
         # misattribute) its accumulated training metrics into this entry.
         if logs:
             Trainer.log(self.trainer, dict(logs))
+
+
+#: GRPOConfig / RLOOConfig fields -> GenerationSettings fields
+_GENERATION_ARGS = {
+    "max_completion_length": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+def trainer_context(trainer: Trainer) -> TrainerContext:
+    """What evaluation follows from the trainer: its generation settings, reward functions and
+    weights (GRPO's and RLOO's names), and its state, which reward functions get as
+    ``trainer_state``. A plain ``Trainer`` has none of the first three."""
+    args = trainer.args
+    generation = {
+        ours: getattr(args, theirs)
+        for theirs, ours in _GENERATION_ARGS.items()
+        if getattr(args, theirs, None) is not None
+    }
+    weights = getattr(args, "reward_weights", None)
+    return TrainerContext(
+        generation=generation,
+        reward_funcs=list(getattr(trainer, "reward_funcs", None) or []),
+        reward_weights=None if weights is None else [float(w) for w in weights],
+        state=trainer.state,
+    )
 
 
 def attach(

@@ -68,8 +68,9 @@ def describe_inputs(refs: Mapping[str, SnapshotRef]) -> dict[str, dict[str, Any]
     for agent, ref in sorted(refs.items()):
         try:
             manifest = (ref.path / MANIFEST).read_bytes()
-            files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                           for p in ref.path.iterdir())  # fmt: skip
+            files = sorted(
+                (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ref.path.iterdir()
+            )
         except OSError as e:
             raise InputError(f"cannot read the snapshot {ref.path}: {e}") from None
         digest = hashlib.sha256(manifest + json.dumps(files).encode()).hexdigest()[:16]

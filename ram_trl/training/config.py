@@ -71,10 +71,20 @@ class RAMConfig:
         keep_last_merged: keep only the newest merged entries of the store (``None``: all).
         merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
             ``lora_rank``, re-factorized by truncated SVD).
-        eval_tasks: evaluate the merged model (and the agent, and optionally the base) on these.
-        eval_base, eval_agent: also evaluate the base / the current agent on the same prompts.
+        eval_tasks: evaluate the store's newest merged model (and the agent, and optionally the
+            base) on these. Their reward functions are called once at construction (a broken
+            one is an InputError naming the task and the function, before training starts).
+        eval_every_steps: evaluate every N training steps (``None``: whenever this job sees a new
+            merged model), independently of when merges happen.
+        eval_base, eval_agent: also evaluate the base (once per store: the scores are cached in
+            ``<store>/eval/``) / the current agent on the same prompts.
         eval_batch_size, eval_max_new_tokens, eval_do_sample, eval_temperature, eval_top_p,
-        eval_seed: generation settings (sampling is seeded and never disturbs training's RNG).
+        eval_top_k, eval_min_p, eval_repetition_penalty, eval_seed: generation settings
+            (sampling is seeded and never disturbs training's RNG). Those left ``None`` follow
+            the trainer's (``GRPOConfig.max_completion_length``, ``temperature``, ...), else
+            :class:`~ram_trl.evaluation.GenerationSettings`' defaults; greedy unless
+            ``eval_do_sample``. Reward weights come from a task's ``reward_weights``, else from
+            the trainer's ``reward_weights`` when the task has the trainer's reward functions.
         eval_device: ``"cpu"`` or ``"train"`` (the training device) for the loaded models.
     """
 
@@ -97,13 +107,17 @@ class RAMConfig:
     merge_output: str = "model"
     lora_rank: int = 16
     eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
+    eval_every_steps: int | None = None
     eval_base: bool = False
     eval_agent: bool = True
     eval_batch_size: int = 8
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int | None = None
     eval_do_sample: bool = False
-    eval_temperature: float = 1.0
-    eval_top_p: float = 1.0
+    eval_temperature: float | None = None
+    eval_top_p: float | None = None
+    eval_top_k: int | None = None
+    eval_min_p: float | None = None
+    eval_repetition_penalty: float | None = None
     eval_seed: int = 0
     eval_device: str = "cpu"
 
@@ -129,7 +143,8 @@ class RAMConfig:
                 f"snapshot_epsilon={eps!r} must be >= 0 and <= the merge's epsilon "
                 f"({merge_epsilon}): a snapshot drops changes below its epsilon"
             )
-        for name, low in (("snapshot_steps", 1), ("keep_last", 1), ("keep_last_merged", 1)):
+        optional = ("snapshot_steps", "keep_last", "keep_last_merged", "eval_every_steps")
+        for name, low in ((n, 1) for n in optional):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
@@ -137,9 +152,11 @@ class RAMConfig:
             value, ok = getattr(self, name), isinstance(getattr(self, name), int)
             if not ok or value < low:
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("eval_batch_size", "eval_max_new_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise InputError(
+                f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}"
+            )
+        _ = self.generation  # validates the generation fields
         if self.merge not in ("self", "watcher", "never"):
             raise InputError(f"merge must be 'self', 'watcher' or 'never', got {self.merge!r}")
         if self.merge_output not in ("model", "lora"):
@@ -149,9 +166,20 @@ class RAMConfig:
 
     @property
     def generation(self) -> GenerationSettings:
-        """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them."""
-        names = (f.name for f in dataclasses.fields(GenerationSettings))
-        return GenerationSettings(**{name: getattr(self, f"eval_{name}") for name in names})
+        """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them
+        (those left None: :class:`GenerationSettings`' defaults)."""
+        return self.generation_for({})
+
+    def generation_for(self, trainer: Mapping[str, Any]) -> GenerationSettings:
+        """The ``eval_*`` generation fields; those left None from ``trainer`` (the trainer's
+        settings, by :class:`GenerationSettings` field name), else the defaults."""
+        values = {}
+        for f in dataclasses.fields(GenerationSettings):
+            value = getattr(self, f"eval_{f.name}")
+            value = trainer.get(f.name) if value is None else value
+            if value is not None:
+                values[f.name] = value
+        return GenerationSettings(**values)
 
     @property
     def merge_settings(self) -> MergeSettings:

@@ -24,19 +24,24 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ram_trl.distributed import Ranks, is_sharded
 from ram_trl.errors import InputError
+from ram_trl.evaluation import TrainerContext
 from ram_trl.lora import density_warning, is_peft_model, root_module
 from ram_trl.merging.report import MergeReport
 from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.jobs import BackgroundMerge, MergeOutcome, merge_store
+from ram_trl.training.scoring import Scorer, timed
 from ram_trl.training.weights import base_rename, iter_state
+
+if TYPE_CHECKING:
+    from ram_trl.snapshot.merged import MergedEntry
 
 
 def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -106,6 +111,7 @@ class AgentRun:
         tokenizer: Any | None = None,
         ranks: Ranks | None = None,
         device: torch.device | str | None = None,
+        context: TrainerContext | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer = model, as_config(config), tokenizer
         self.ranks = ranks if ranks is not None else Ranks.from_torch()
@@ -122,7 +128,20 @@ class AgentRun:
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
         self._coalesce = False  # snapshots arrived while a background merge ran
-        self._logged_entry: str | None = None
+        self._logged_entry: str | None = None  # the merged entry last logged / evaluated
+        self._evaluated: str | None = None
+        cfg, self.context = self.config, context or TrainerContext()
+        self.scorer = (
+            Scorer(
+                cfg.eval_tasks,
+                cfg.generation_for(self.context.generation),
+                self.context,
+                tokenizer=tokenizer,
+                cache=self.store.root / "eval",
+            )
+            if cfg.eval_tasks
+            else None
+        )
         self._base_rewards: dict[str, float] | None = None
         self._warned = False
         self._touched_fraction = 0.0
@@ -251,6 +270,10 @@ class AgentRun:
                 )
                 if outcome is not None and outcome.entry.name != self._logged_entry:
                     logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
+            latest = self.store.merged.latest()
+            cadence = self.config.eval_every_steps is not None
+            if cadence and latest is not None and latest.name != self._evaluated:
+                logs.update(self._evaluate(latest))  # the final generalist
         return logs
 
     @property
@@ -361,7 +384,8 @@ class AgentRun:
         if own is not None and step is not None:
             logs["ram/merge_lag_steps"] = float(step - own)
         self._logged_entry = entry.name
-        logs.update(self._evaluate(entry.path, lora=entry.is_adapter))
+        if self.config.eval_every_steps is None:  # else on its own cadence
+            logs.update(self._evaluate(entry))
         return logs
 
     def _merge_logs(self, report: MergeReport) -> dict[str, float]:
@@ -391,36 +415,33 @@ class AgentRun:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, merged: Path, *, lora: bool) -> dict[str, float]:
-        from ram_trl.evaluation import evaluate, load_model
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Evaluate the store's newest merged model, the agent and (once per store) the base
+        now, as ``eval_every_steps`` asks; every rank calls it."""
+        logs = self._evaluate(self.store.merged.latest()) if self.is_main else {}
+        self.ranks.barrier()
+        return logs
 
-        cfg = self.config
-        if not cfg.eval_tasks:
+    def _evaluate(self, entry: MergedEntry | None) -> dict[str, float]:
+        if self.scorer is None:
             return {}
-        assert self.base_dir is not None
-        started = time.perf_counter()
-        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a processor wraps one
+        return timed(lambda: self._scores(entry))
+
+    def _scores(self, entry: MergedEntry | None) -> dict[str, float]:
+        cfg, scorer, base = self.config, self.scorer, self._base()
+        assert scorer is not None
         device = torch.device("cpu") if cfg.eval_device == "cpu" else self._train_device()
         logs: dict[str, float] = {}
-
-        def run(prefix: str, model: nn.Module) -> dict[str, float]:
-            out = {}
-            for task in cfg.eval_tasks:
-                for key, value in evaluate(model, tokenizer, task, cfg.generation).items():
-                    out[f"{prefix}/{task.name}/{key}"] = value
-            return out
-
-        model = load_model(merged, self.base_dir, device, lora=lora)
-        logs.update(run("eval_merged", model))
-        del model
+        if entry is not None:
+            logs.update(scorer.merged(entry.path, base, device, lora=entry.is_adapter))
+            logs["ram/eval_merge_sequence"] = float(entry.sequence)
+            self._evaluated = entry.name
         if cfg.eval_agent:
-            logs.update(run("eval_agent", self._agent_model(device)))
+            logs.update(scorer.score("eval_agent", self._agent_model(device)))
         if cfg.eval_base:
             if self._base_rewards is None:
-                base = load_model(self.base_dir, self.base_dir, device, lora=False)
-                self._base_rewards = run("eval_base", base)
+                self._base_rewards = scorer.base(base, device)
             logs.update(self._base_rewards)
-        logs["ram/eval_seconds"] = time.perf_counter() - started
         return logs
 
     def _train_device(self) -> torch.device:
