@@ -255,8 +255,14 @@ def test_evaluation_follows_the_trainer(base, tmp_path):
     first = grpo(base, tmp_path / "a", digits, steps=2)
     attach(first, store=store, agent="a")
     first.train()
-    trainer = grpo(base, tmp_path / "b", [recording, letters], steps=4, max_completion_length=3,
-                   reward_weights=[2.0, 0.5])  # fmt: skip
+    trainer = grpo(
+        base,
+        tmp_path / "b",
+        [recording, letters],
+        steps=4,
+        max_completion_length=3,
+        reward_weights=[2.0, 0.5],
+    )
     attach(trainer, store=store, agent="b", eval_tasks=[task], eval_every_steps=1, eval_base=True)
     SEEN.clear()
     trainer.train()
@@ -275,8 +281,14 @@ def test_evaluation_follows_the_trainer(base, tmp_path):
     (cache,) = (store / "eval").glob("base-*.json")
     assert json.loads(cache.read_text()) == {k: v for k, v in last.items() if "eval_base" in k}
     cache.write_text(json.dumps({"eval_base/t/reward": 123.0}))  # a later job reads the cache
-    again = grpo(base, tmp_path / "c", [recording, letters], steps=1, max_completion_length=3,
-                 reward_weights=[2.0, 0.5])  # fmt: skip
+    again = grpo(
+        base,
+        tmp_path / "c",
+        [recording, letters],
+        steps=1,
+        max_completion_length=3,
+        reward_weights=[2.0, 0.5],
+    )
     attach(again, store=store, agent="c", eval_tasks=[task], eval_every_steps=1, eval_base=True)
     again.train()
     assert logged(again, "eval_base/")[-1]["eval_base/t/reward"] == 123.0
@@ -436,7 +448,7 @@ def test_two_concurrent_training_processes(tmp_path):
                 "--max_steps",
                 "8",
                 *lora[agent],
-            ],  # fmt: skip
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -461,6 +473,101 @@ def test_two_concurrent_training_processes(tmp_path):
     assert len({e.key for e in entries}) == len(entries)
     assert store.merged.latest().steps == {"digits": 8, "letters": 8}
     print(f"two concurrent jobs: {time.time() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_watch_merges_while_two_jobs_only_snapshot(tmp_path):
+    """``ram-trl watch`` beside two concurrent jobs with ``merge: watcher``: the jobs never merge,
+    the watcher merges the snapshots of both as they land (and scores each merged model), and
+    its last merge holds both agents' final snapshots."""
+    import json
+    import signal
+
+    from ram_trl.snapshot import SnapshotStore
+
+    store, base = tmp_path / "store", tmp_path / "base"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "examples"),
+    }
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        "eval_tasks: [{name: arithmetic, prompts: ['1+1='], reward_funcs: [toy_rewards:digits]}]\n"
+        "eval_max_new_tokens: 4\neval_base: true\n"
+    )
+    SnapshotStore(store)  # the watcher starts first, on an empty store
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ram_trl",
+            "watch",
+            str(store),
+            "--interval",
+            "0.2",
+            "--eval",
+            str(recipe),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "examples/train_agent.py",
+                "--config",
+                f"recipes/grpo/{agent}.yaml",
+                "--store",
+                str(store),
+                "--tiny_base_dir",
+                str(base),
+                "--output_dir",
+                str(tmp_path / agent),
+                "--max_steps",
+                "8",
+                "--save_steps",
+                "2",
+                "--merge",
+                "watcher",
+                "--eval_tasks",
+                "[]",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for agent in ("digits", "letters")
+    ]
+    try:
+        for job in jobs:
+            out = job.communicate(timeout=300)[0]
+            assert job.returncode == 0, out[-3000:]
+        s, deadline = SnapshotStore(store), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = s.merged.latest()
+            if latest is not None and latest.steps == {"digits": 8, "letters": 8}:
+                break
+            time.sleep(0.5)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err[-3000:]
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    entries = s.merged.entries()
+    assert [line["entry"] for line in lines] == [e.name for e in entries]
+    assert all(line["made"] for line in lines)  # made by the watcher: the jobs only snapshot
+    assert entries[-1].steps == {"digits": 8, "letters": 8}
+    assert len({e.key for e in entries}) == len(entries) >= 2  # it followed both jobs
+    assert all("eval_merged/arithmetic/reward" in line["scores"] for line in lines)
+    assert (store / "eval" / f"{entries[-1].name}.json").is_file()
 
 
 def test_configs_parse_side_by_side_like_trl_scripts(tmp_path):

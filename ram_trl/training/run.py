@@ -242,6 +242,10 @@ class AgentRun:
         every = self.config.merge_every
         if self.is_main and self._merges_here and every and self._snapshots % every == 0:
             logs.update(self._merge(step))
+        elif self.is_main and not self._merges_here and self.config.eval_every_steps is None:
+            latest = self.store.merged.latest()  # a watcher's merge: evaluated when it is new
+            if latest is not None and latest.name != self._evaluated:
+                logs.update(self._evaluate(latest))
         self.ranks.barrier()
         return logs
 
@@ -271,8 +275,7 @@ class AgentRun:
                 if outcome is not None and outcome.entry.name != self._logged_entry:
                     logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
             latest = self.store.merged.latest()
-            cadence = self.config.eval_every_steps is not None
-            if cadence and latest is not None and latest.name != self._evaluated:
+            if latest is not None and latest.name != self._evaluated:
                 logs.update(self._evaluate(latest))  # the final generalist
         return logs
 
