@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from ram_trl.callback import EvalTask, RAMConfig, attach  # noqa: E402
+from ram_trl.callback import EvalTask, RAMCallback, RAMConfig, attach  # noqa: E402
 from ram_trl.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,6 +382,8 @@ def test_bad_configuration_fails_at_construction(base, tmp_path):
     with pytest.raises(InputError, match="not allowed"):
         RAMConfig(store=str(tmp_path), agent="../x")
     trainer = grpo(base, tmp_path / "run", digits)
+    with pytest.raises(InputError, match="needs its trainer"):  # GRPOTrainer(callbacks=[...])
+        RAMCallback(RAMConfig(store=str(tmp_path), agent="a"))
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="cannot use"):
         attach(trainer, store=tmp_path / "file" / "store", agent="a")

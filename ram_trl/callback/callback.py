@@ -5,8 +5,9 @@ Add it to each agent's trainer (GRPO, RLOO or a plain ``Trainer``), all sharing 
     trainer.add_callback(RAMCallback(trainer, RAMConfig(store="runs/store", agent="math")))
 
 At every save (or every N steps) the agent's task vector goes to the store; once the store holds
-two or more agents, their newest snapshots are merged into ``<store>/merged/step-<N>/`` and the
-merged model is evaluated next to the agent. The work is the run's; this module maps the trainer's
+two or more agents, their newest snapshots are merged into the store's next
+``merged/merge-<N>/`` (unless a job merged that state already) and the newest merged model is
+evaluated next to the agent. The work is the run's; this module maps the trainer's
 hooks onto it and logs what it returns through ``Trainer.log``. The hooks receive no trainer, so
 the callback holds the one it is given.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ram_trl.distributed import Ranks
+from ram_trl.errors import InputError
 from ram_trl.evaluation import TrainerContext
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.run import AgentRun, as_config
@@ -39,7 +41,17 @@ class RAMCallback(TrainerCallback):
     models and then wait at a barrier.
     """
 
-    def __init__(self, trainer: Trainer, config: RAMConfig | Mapping[str, Any] | str | os.PathLike):
+    def __init__(
+        self,
+        trainer: Trainer,
+        config: RAMConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+    ) -> None:
+        if config is None or not hasattr(trainer, "accelerator") or not hasattr(trainer, "args"):
+            raise InputError(
+                "RAMCallback needs its trainer (Trainer hooks are not given it): build it as "
+                "trainer.add_callback(RAMCallback(trainer, config)), or attach(trainer, config), "
+                f"not with {type(trainer).__name__!r} alone"
+            )
         self.trainer = trainer
         self.run = AgentRun(
             trainer.model,
