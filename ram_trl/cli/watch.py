@@ -32,7 +32,13 @@ def add_parser(subparsers: Any) -> None:
         default="model",
         help="a full model folder (default) or a LoRA adapter",
     )
-    p.add_argument("--lora-rank", type=int, default=16, help="rank of a LoRA output (default 16)")
+    p.add_argument("--lora-rank", default="16", help="rank of a LoRA output (default 16) or 'auto'")
+    p.add_argument(
+        "--lora-max-error",
+        type=float,
+        default=0.1,
+        help="largest relative error of a LoRA output (default 0.1)",
+    )
     p.add_argument("--min-agents", type=int, default=2, help="merge from this many agents on")
     p.add_argument("--keep-last-merged", type=int, help="keep only the newest N merged models")
     p.add_argument(
@@ -59,7 +65,10 @@ def run_watch(args: argparse.Namespace) -> int:
     from ram_trl.training.jobs import MergeSettings
     from ram_trl.training.watch import EvalRecipe, watch
 
-    for name in ("lora_rank", "min_agents", "keep_last_merged", "max_merges"):
+    rank = int(args.lora_rank) if args.lora_rank.isdigit() else args.lora_rank
+    if rank != "auto" and not (isinstance(rank, int) and rank >= 1):
+        raise InputError(f"--lora-rank must be an integer >= 1 or 'auto', got {args.lora_rank!r}")
+    for name in ("min_agents", "keep_last_merged", "max_merges"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -68,7 +77,8 @@ def run_watch(args: argparse.Namespace) -> int:
         params=_typed_params(args.method, args.param),
         dtype=args.dtype,
         output=args.output,
-        lora_rank=args.lora_rank,
+        lora_rank=rank,
+        lora_max_error=args.lora_max_error,
         min_agents=args.min_agents,
     )
     settings.identity()  # an unknown method or parameter is refused now, not at the first merge

@@ -69,8 +69,12 @@ class RAMConfig:
             it ends, and at train end the job waits for, or runs, the merge of every agent's
             newest snapshot, so the final generalist includes the last snapshots.
         keep_last_merged: keep only the newest merged entries of the store (``None``: all).
-        merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
-            ``lora_rank``, re-factorized by truncated SVD).
+        merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (a PEFT adapter: 2-D weights
+            re-factorized by truncated SVD to rank ``lora_rank``, biases and norms carried whole).
+        lora_rank, lora_max_error: the adapter's rank, or ``"auto"``: per module the smallest
+            whose relative reconstruction error is at most ``lora_max_error``; a fixed rank
+            above that error is warned about (``ram/lora_error`` logs it). A command line
+            (``HfArgumentParser``) can give only an integer rank.
         eval_tasks: evaluate the store's newest merged model (and the agent, and optionally the
             base) on these. Their reward functions are called once at construction (a broken
             one is an InputError naming the task and the function, before training starts).
@@ -105,7 +109,8 @@ class RAMConfig:
     merge_background: bool = False
     keep_last_merged: int | None = None
     merge_output: str = "model"
-    lora_rank: int = 16
+    lora_rank: int | str = 16
+    lora_max_error: float = 0.1
     eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
     eval_every_steps: int | None = None
     eval_base: bool = False
@@ -148,7 +153,15 @@ class RAMConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
-        for name, low in (("merge_every", 0), ("min_agents", 1), ("lora_rank", 1)):
+        if isinstance(self.lora_rank, str) and self.lora_rank.isdigit():
+            self.lora_rank = int(self.lora_rank)
+        rank = self.lora_rank
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise InputError(f"lora_rank must be an integer >= 1 or 'auto', got {rank!r}")
+        err = self.lora_max_error
+        if isinstance(err, bool) or not isinstance(err, (int, float)) or not err >= 0:
+            raise InputError(f"lora_max_error must be a number >= 0, got {err!r}")
+        for name, low in (("merge_every", 0), ("min_agents", 1)):
             value, ok = getattr(self, name), isinstance(getattr(self, name), int)
             if not ok or value < low:
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -190,6 +203,7 @@ class RAMConfig:
             dtype=self.merge_dtype,
             output=self.merge_output,
             lora_rank=self.lora_rank,
+            lora_max_error=self.lora_max_error,
             min_agents=self.min_agents,
         )
 

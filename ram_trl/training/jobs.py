@@ -42,7 +42,8 @@ class MergeSettings:
     params: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     output: str = "model"
-    lora_rank: int = 16
+    lora_rank: int | str = 16
+    lora_max_error: float | None = 0.1
     min_agents: int = 2
 
     def identity(self) -> dict[str, Any]:
@@ -52,7 +53,7 @@ class MergeSettings:
         params = dataclasses.asdict(spec.make_params(dict(self.params)))
         out = {"method": spec.name, "params": params, "output": self.output}
         if self.output == "lora":
-            out["lora_rank"] = self.lora_rank
+            out["lora_rank"], out["lora_max_error"] = self.lora_rank, self.lora_max_error
         else:
             out["dtype"] = self.dtype
         return out
@@ -82,13 +83,15 @@ def merge_snapshots(
     params: dict[str, Any],
     dtype: str | None = None,
     output: str = "model",
-    lora_rank: int = 16,
+    lora_rank: int | str = 16,
+    lora_max_error: float | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeReport:
     """Merge ``snapshots`` (agent -> snapshot folder) over ``base`` into ``out`` with
     ``ram_trl.merge``: a full model folder, or with ``output="lora"`` a LoRA adapter of rank
-    ``lora_rank`` (the merged delta re-factorized by truncated SVD; the report's ``lora`` gives
-    its errors). Returns the merge report."""
+    ``lora_rank`` (or ``"auto"``: per module, the smallest within ``lora_max_error``), the merged
+    delta re-factorized by truncated SVD with biases and norms carried whole; the report's
+    ``lora`` gives its errors. Returns the merge report."""
     from ram_trl.merging import merge
     from ram_trl.snapshot import TaskVectorSource
 
@@ -102,6 +105,7 @@ def merge_snapshots(
         params=params,
         dtype=None if lora else dtype,  # an adapter's deltas come from base-dtype rows
         lora_rank=lora_rank if lora else None,
+        lora_max_error=lora_max_error,
         progress=False,
         extra_files=extra_files,
     )
@@ -149,6 +153,7 @@ def merge_store(
             dtype=settings.dtype,
             output=settings.output,
             lora_rank=settings.lora_rank,
+            lora_max_error=settings.lora_max_error,
             extra_files={INPUTS_FILE: claim.record_bytes()},
         )
     except BaseException:
