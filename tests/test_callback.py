@@ -263,7 +263,15 @@ def test_evaluation_follows_the_trainer(base, tmp_path):
         max_completion_length=3,
         reward_weights=[2.0, 0.5],
     )
-    attach(trainer, store=store, agent="b", eval_tasks=[task], eval_every_steps=1, eval_base=True)
+    attach(
+        trainer,
+        store=store,
+        agent="b",
+        eval_tasks=[task],
+        eval_every_steps=1,
+        eval_base=True,
+        eval_log_completions=True,
+    )
     SEEN.clear()
     trainer.train()
     evals = logged(trainer, "eval_agent/")
@@ -278,6 +286,19 @@ def test_evaluation_follows_the_trainer(base, tmp_path):
         assert 0 <= r["mean_length"] <= 3  # logged by the reward function through log_metric
     assert all(max(s["lengths"]) <= 3 for s in SEEN)  # GRPO's length, not 64
     assert all(s["state"] is trainer.state for s in SEEN[1:])  # [0]: the construction check
+    rows = [json.loads(line) for line in (store / "eval" / "completions-b.jsonl").open()]
+    assert len(rows) == 3 * len(PROMPTS)  # merged at step 2's save: steps 3, 4 and train end
+    assert rows[-1].keys() == {
+        "step",
+        "merged",
+        "task",
+        "prompt",
+        "completion",
+        "recording",
+        "letters",
+        "length",
+    }
+    assert rows[-1]["merged"] == "merge-000002" and rows[-1]["length"] <= 3  # log_extra's column
     (cache,) = (store / "eval").glob("base-*.json")
     assert json.loads(cache.read_text()) == {k: v for k, v in last.items() if "eval_base" in k}
     cache.write_text(json.dumps({"eval_base/t/reward": 123.0}))  # a later job reads the cache

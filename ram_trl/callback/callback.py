@@ -100,6 +100,27 @@ class RAMCallback(TrainerCallback):
         # misattribute) its accumulated training metrics into this entry.
         if logs:
             Trainer.log(self.trainer, dict(logs))
+        if self.run.completions:
+            rows, self.run.completions = self.run.completions, []
+            self._log_table(rows)
+
+    def _log_table(self, rows: list[dict[str, Any]]) -> None:
+        """The merged model's completions as a table, where TRL's LogCompletionsCallback puts
+        its own: wandb and Comet, when the trainer reports to them (the rows are also in the
+        store's ``eval/completions-<agent>.jsonl`` either way)."""
+        import pandas as pd
+
+        report_to = self.trainer.args.report_to or []
+        table = pd.DataFrame(rows)
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"ram/completions": wandb.Table(dataframe=table)})
+        if "comet_ml" in report_to:
+            from trl.trainer.utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment(name="ram_completions.csv", table=table)
 
 
 #: GRPOConfig / RLOOConfig fields -> GenerationSettings fields

@@ -90,6 +90,10 @@ class RAMConfig:
             ``eval_do_sample``. Reward weights come from a task's ``reward_weights``, else from
             the trainer's ``reward_weights`` when the task has the trainer's reward functions.
         eval_device: ``"cpu"`` or ``"train"`` (the training device) for the loaded models.
+        eval_log_completions: keep the merged model's completions (step, task, prompt,
+            completion, each reward, ``log_extra`` columns): appended to
+            ``<store>/eval/completions-<agent>.jsonl`` and, as TRL's ``LogCompletionsCallback``
+            does, logged as a table to wandb / Comet when the trainer reports to them.
     """
 
     store: str
@@ -124,6 +128,7 @@ class RAMConfig:
     eval_min_p: float | None = None
     eval_repetition_penalty: float | None = None
     eval_seed: int = 0
+    eval_log_completions: bool = False
     eval_device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -130,6 +130,8 @@ class AgentRun:
         self._coalesce = False  # snapshots arrived while a background merge ran
         self._logged_entry: str | None = None  # the merged entry last logged / evaluated
         self._evaluated: str | None = None
+        self._step: int | None = None  # the loop's step at the last call
+        self.completions: list[dict[str, Any]] = []  # eval_log_completions rows not yet taken
         cfg, self.context = self.config, context or TrainerContext()
         self.scorer = (
             Scorer(
@@ -239,6 +241,7 @@ class AgentRun:
         due (a background merge still running makes the next one take the newest snapshots as
         soon as it ends, instead)."""
         logs = self._snapshot(step)
+        self._step = step
         every = self.config.merge_every
         if self.is_main and self._merges_here and every and self._snapshots % every == 0:
             logs.update(self._merge(step))
@@ -252,6 +255,7 @@ class AgentRun:
     def poll(self, step: int | None = None) -> dict[str, float]:
         """The metrics of a background merge that has finished since, else ``{}`` (no wait);
         ``step`` is the loop's current step (for ``ram/merge_lag_steps``)."""
+        self._step = self._step if step is None else step
         if self._background is not None and self.is_main and self._background.done():
             return self._finish_background(step, restart=True)
         return {}
@@ -261,8 +265,8 @@ class AgentRun:
         make sure the newest snapshot of every agent is merged (reusing an entry of that state
         made by any job); the metrics."""
         logs: dict[str, float] = {}
+        self._step = step = self.last_step if step is None else step
         if self.is_main:
-            step = self.last_step if step is None else step
             if self._background is not None:
                 logs.update(self._finish_background(step, restart=False))
             if self._merges_here and self.config.merge_every:
@@ -421,6 +425,7 @@ class AgentRun:
     def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Evaluate the store's newest merged model, the agent and (once per store) the base
         now, as ``eval_every_steps`` asks; every rank calls it."""
+        self._step = self._step if step is None else step
         logs = self._evaluate(self.store.merged.latest()) if self.is_main else {}
         self.ranks.barrier()
         return logs
@@ -439,6 +444,8 @@ class AgentRun:
             logs.update(scorer.merged(entry.path, base, device, lora=entry.is_adapter))
             logs["ram/eval_merge_sequence"] = float(entry.sequence)
             self._evaluated = entry.name
+            if cfg.eval_log_completions:
+                self._log_completions(entry)
         if cfg.eval_agent:
             logs.update(scorer.score("eval_agent", self._agent_model(device)))
         if cfg.eval_base:
@@ -446,6 +453,21 @@ class AgentRun:
                 self._base_rewards = scorer.base(base, device)
             logs.update(self._base_rewards)
         return logs
+
+    def _log_completions(self, entry: MergedEntry) -> None:
+        """The merged model's completions, as rows: kept for the caller (``completions``: the
+        callback logs them as a table) and appended to the store's
+        ``eval/completions-<agent>.jsonl``."""
+        import json
+
+        assert self.scorer is not None
+        step, merged = self._step, entry.name
+        rows = [{"step": step, "merged": merged, **row} for row in self.scorer.last_table]
+        self.completions.extend(rows)
+        path = self.store.root / "eval" / f"completions-{self.config.agent}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
 
     def _train_device(self) -> torch.device:
         if self.device is not None:

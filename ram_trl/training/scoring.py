@@ -59,15 +59,18 @@ class Scorer:
         out: dict[str, float] = {}
         rows: list[dict[str, Any]] | None = [] if table else None
         for task in self.tasks:
+            task_rows: list[dict[str, Any]] = []
             result = evaluate(
                 model,
                 self.tokenizer,
                 task,
                 self.generation,
                 trainer_state=self.context.state,
-                completions_table=rows,
+                completions_table=task_rows,
             )
             out.update({f"{prefix}/{task.name}/{key}": value for key, value in result.items()})
+            if rows is not None:
+                rows.extend({"task": task.name, **row} for row in task_rows)
         if rows is not None:
             self.last_table = rows
         return out
