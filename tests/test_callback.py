@@ -440,6 +440,38 @@ def test_config_from_yaml(tmp_path):
         RAMConfig.from_yaml(bad)
 
 
+def launch_agent(agent: str, tmp_path: Path, *extra: str, launcher: tuple[str, ...] = ()):
+    """examples/train_agent.py for one of recipes/grpo/, into ``tmp_path/store``, 8 steps."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            *launcher,
+            "examples/train_agent.py",
+            "--config",
+            f"recipes/grpo/{agent}.yaml",
+            "--store",
+            str(tmp_path / "store"),
+            "--tiny_base_dir",
+            str(tmp_path / "base"),
+            "--output_dir",
+            str(tmp_path / agent),
+            "--max_steps",
+            "8",
+            *extra,
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT / "examples"),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 @pytest.mark.slow
 def test_two_concurrent_training_processes(tmp_path):
     """Two agents' jobs at once into one store (examples/train_agent.py, each launched with the
@@ -449,35 +481,15 @@ def test_two_concurrent_training_processes(tmp_path):
     from ram_trl.snapshot import SnapshotStore, validate
 
     base = tmp_path / "base"  # neither job finds it: both write it, one publishes
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     lora = {"digits": [], "letters": ["--use_peft", "--lora_r", "4"]}
+    accelerate = (
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/single_gpu.yaml",
+    )
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                "recipes/accelerate/single_gpu.yaml",
-                "examples/train_agent.py",
-                "--config",
-                f"recipes/grpo/{agent}.yaml",
-                "--store",
-                str(tmp_path / "store"),
-                "--tiny_base_dir",
-                str(base),
-                "--output_dir",
-                str(tmp_path / agent),
-                "--max_steps",
-                "8",
-                *lora[agent],
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        launch_agent(agent, tmp_path, *lora[agent], launcher=accelerate)
         for agent in ("digits", "letters")
     ]
     started = time.time()
@@ -508,7 +520,7 @@ def test_watch_merges_while_two_jobs_only_snapshot(tmp_path):
 
     from ram_trl.snapshot import SnapshotStore
 
-    store, base = tmp_path / "store", tmp_path / "base"
+    store = tmp_path / "store"
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -539,36 +551,8 @@ def test_watch_merges_while_two_jobs_only_snapshot(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    jobs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "examples/train_agent.py",
-                "--config",
-                f"recipes/grpo/{agent}.yaml",
-                "--store",
-                str(store),
-                "--tiny_base_dir",
-                str(base),
-                "--output_dir",
-                str(tmp_path / agent),
-                "--max_steps",
-                "8",
-                "--save_steps",
-                "2",
-                "--merge",
-                "watcher",
-                "--eval_tasks",
-                "[]",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for agent in ("digits", "letters")
-    ]
+    watching = ("--save_steps", "2", "--merge", "watcher", "--eval_tasks", "[]")
+    jobs = [launch_agent(agent, tmp_path, *watching) for agent in ("digits", "letters")]
     try:
         for job in jobs:
             out = job.communicate(timeout=300)[0]

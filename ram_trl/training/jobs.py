@@ -61,6 +61,12 @@ class MergeSettings:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "params": dict(self.params)}
 
+    def merge_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`merge_snapshots` these settings stand for."""
+        data = self.to_dict()
+        del data["min_agents"]
+        return data
+
 
 @dataclass(frozen=True)
 class MergeOutcome:
@@ -148,12 +154,7 @@ def merge_store(
             str(base),
             {agent: str(ref.path) for agent, ref in refs.items()},
             str(claim.entry.path),
-            method=settings.method,
-            params=dict(settings.params),
-            dtype=settings.dtype,
-            output=settings.output,
-            lora_rank=settings.lora_rank,
-            lora_max_error=settings.lora_max_error,
+            **settings.merge_kwargs(),
             extra_files={INPUTS_FILE: claim.record_bytes()},
         )
     except BaseException:

@@ -307,8 +307,9 @@ class AgentRun:
             return {}
         assert path is not None
         logs = self._snapshot_logs(path, seconds)
-        if self.config.keep_last is not None:
-            self.store.prune(self.config.agent, self.config.keep_last)
+        keep = self.config.keep_last  # prune reads every entry: only when there is one too many
+        if keep is not None and len(self.store.steps(self.config.agent)) > keep:
+            self.store.prune(self.config.agent, keep)
         return logs
 
     def _snapshot_logs(self, path: Path, seconds: float) -> dict[str, float]:

@@ -92,7 +92,12 @@ def watch(
     scorer = None
     try:
         while max_merges is None or len(outcomes) < max_merges:
-            state = _state(store)
+            try:
+                state = _state(store)
+            except InputError as error:  # a snapshot removed while it was read: look again
+                report({"error": str(error)})
+                time.sleep(interval)
+                continue
             if state != seen:
                 seen, changed = state, time.monotonic()
                 if len(state) < settings.min_agents:
