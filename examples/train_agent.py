@@ -11,9 +11,11 @@ overrides the file (``--max_steps 100 --store /shared/store --agent code --overw
 ``python examples/train_agent.py --help`` lists them all.
 
 Each job snapshots its task vector into the store at every save; from the second agent on, the
-callback merges the newest snapshot of every agent (RAM+ by default) into
-``<store>/merged/step-<N>/`` and logs ``eval_merged/<task>/reward`` next to
-``eval_agent/<task>/reward``. Jobs may run one after another or at the same time.
+callback merges the newest snapshot of every agent (RAM+ by default) into the store's next
+``merged/merge-<N>/`` (``merged/latest`` points at the newest), unless another job has merged
+that state already (``merge: watcher`` leaves merging to ``ram-trl watch``), and logs
+``eval_merged/<task>/reward`` next to ``eval_agent/<task>/reward``. Jobs may run one after
+another or at the same time.
 
 Offline by default: without ``model_name_or_path`` the model is a tiny, seeded Qwen2 with a
 character tokenizer (``ram_trl.testing``), and the dataset a few built-in prompts. For a real
@@ -145,10 +147,12 @@ def train(
     )
     attach(trainer, ram)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    merged_dir = Path(ram.store) / "merged"
-    merged = sorted(p.name for p in merged_dir.iterdir() if not p.name.startswith("."))
+    from ram_trl.snapshot import SnapshotStore
+
+    latest = SnapshotStore(ram.store).merged.latest()
+    merged = f"{latest.path} ({latest.steps})" if latest else "none yet"
     trainer.accelerator.print(
-        f"agent {ram.agent}: {trainer.state.global_step} steps; merged models: {merged}"
+        f"agent {ram.agent}: {trainer.state.global_step} steps; latest merged model: {merged}"
     )
     trainer.accelerator.end_training()  # closes the trackers and the process group
 

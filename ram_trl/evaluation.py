@@ -3,14 +3,18 @@
 
 An :class:`EvalTask` is prompts plus the reward functions that score completions of them, the same
 callables a ``trl.GRPOTrainer`` takes. :func:`evaluate` generates one completion per prompt and
-calls the reward functions as ``GRPOTrainer`` calls them (``prompts=``, ``completions=``,
-``completion_ids=``, plus the task's ``columns``), so a merged model, an agent and the base are
-scored by exactly the rewards the agents were trained on. Sampling runs under a forked RNG with its
-own seed: evaluating never changes what training draws next.
+calls the reward functions with the keyword arguments ``GRPOTrainer`` (TRL 1.x) passes them
+(``prompts=``, ``completions=``, ``completion_ids=``, the task's ``columns`` as dataset columns,
+``trainer_state=``, ``log_extra=``, ``log_metric=``), and sums them with the task's
+``reward_weights`` as GRPO does, so a merged model, an agent and the base are scored by exactly
+the rewards the agents were trained on. :func:`check_task` calls each function once on one prompt,
+so that a broken one fails before training instead of at the first evaluation. Sampling runs
+under a forked RNG with its own seed: evaluating never changes what training draws next.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +55,7 @@ class EvalTask:
     prompts: list[Any]
     reward_funcs: list[RewardFunc] | RewardFunc
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    reward_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -63,6 +68,15 @@ class EvalTask:
         self.prompts = list(self.prompts)
         if not self.prompts:
             raise InputError(f"eval task {self.name!r} has no prompts")
+        weights = self.reward_weights
+        if weights is not None and (
+            len(weights) != len(self.reward_funcs)
+            or not all(isinstance(w, (int, float)) for w in weights)
+        ):
+            raise InputError(
+                f"eval task {self.name!r}: reward_weights {weights!r} must be one number per "
+                f"reward function ({len(self.reward_funcs)})"
+            )
         for key, values in self.columns.items():
             if len(values) != len(self.prompts):
                 raise InputError(
@@ -73,7 +87,9 @@ class EvalTask:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How :func:`evaluate` generates: greedy by default; sampling is seeded."""
+    """How :func:`evaluate` generates: greedy by default; sampling is seeded. ``top_k`` /
+    ``min_p`` (None: off) and ``temperature`` / ``top_p`` apply when sampling;
+    ``repetition_penalty`` always, as in ``GRPOConfig``."""
 
     batch_size: int = 8
     max_new_tokens: int = 64
@@ -81,12 +97,36 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"generation {name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class TrainerContext:
+    """What an evaluation inside training takes from its trainer: its generation settings (by
+    :class:`GenerationSettings` field name), its reward functions and ``reward_weights``, and its
+    state, passed to reward functions as ``trainer_state`` as GRPO does."""
+
+    generation: dict[str, Any] = field(default_factory=dict)
+    reward_funcs: list[Any] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    state: Any = None
+
+    def task(self, task: EvalTask) -> EvalTask:
+        """``task`` with the trainer's reward weights when it has none of its own and scores
+        with the trainer's reward functions (the same names, in the same order)."""
+        if task.reward_weights is not None or self.reward_weights is None:
+            return task
+        if [func_name(f) for f in task.reward_funcs] != [func_name(f) for f in self.reward_funcs]:
+            return task
+        return dataclasses.replace(task, reward_weights=list(self.reward_weights))
 
 
 def _is_conversational(prompt: Any) -> bool:
@@ -111,14 +151,79 @@ def _mean(values: list[float | None]) -> float:
     return sum(valid) / len(valid) if valid else float("nan")
 
 
+def func_name(func: RewardFunc) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _dummy_completion(prompt: Any) -> Any:
+    return [{"role": "assistant", "content": ""}] if _is_conversational(prompt) else ""
+
+
+def check_task(task: EvalTask, trainer_state: Any = None) -> None:
+    """Call every reward function of ``task`` once, on its first prompt and an empty completion,
+    with the keyword arguments evaluation will pass; InputError naming the task and the function
+    when one raises, does not take GRPO's keyword arguments, or returns other than one number."""
+    logs = _Logs()
+    for func in task.reward_funcs:
+        name = func_name(func)
+        where = f"eval task {task.name!r}: reward function {name!r}"
+        try:
+            rewards = list(
+                func(
+                    prompts=task.prompts[:1],
+                    completions=[_dummy_completion(task.prompts[0])],
+                    completion_ids=[[]],
+                    **{key: values[:1] for key, values in task.columns.items()},
+                    **logs.kwargs(trainer_state),
+                )
+            )
+        except TypeError as e:
+            if "unexpected keyword" in str(e):
+                raise InputError(
+                    f"{where} does not take GRPOTrainer's keyword arguments ({e}): give it a "
+                    "**kwargs parameter"
+                ) from None
+            raise InputError(f"{where} failed on the task's first prompt: {e!r}") from None
+        except Exception as e:
+            raise InputError(f"{where} failed on the task's first prompt: {e!r}") from None
+        if len(rewards) != 1:
+            raise InputError(f"{where} returned {len(rewards)} rewards for 1 completion")
+        if rewards[0] is not None and not isinstance(rewards[0], (int, float)):
+            try:
+                float(rewards[0])
+            except (TypeError, ValueError):
+                raise InputError(f"{where} returned {rewards[0]!r}, not a number") from None
+
+
+class _Logs:
+    """What reward functions log through ``log_metric`` / ``log_extra`` during an evaluation."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def kwargs(self, trainer_state: Any) -> dict[str, Any]:
+        return {
+            "trainer_state": trainer_state,
+            "log_extra": lambda column, values: self.extra.setdefault(column, []).extend(values),
+            "log_metric": lambda name, value: self.metrics.setdefault(name, []).append(value),
+        }
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
     task: EvalTask,
     generation: GenerationSettings | None = None,
+    *,
+    trainer_state: Any = None,
+    completions_table: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Generate a completion for every prompt of ``task`` and score it with the task's reward
-    functions: ``{"reward": mean summed reward, <func name>: mean reward of that function}``."""
+    functions: ``{"reward": mean weighted sum, <func name>: mean reward of that function,
+    <metric>: mean of what the functions logged with log_metric}``. ``completions_table``, when
+    given, receives one row per prompt (prompt, completion, each reward, logged extra columns),
+    like the completions table ``GRPOTrainer`` logs."""
     config = generation or GenerationSettings()
     device = next(model.parameters()).device
     completions: list[Any] = []
@@ -141,6 +246,9 @@ def evaluate(
                 do_sample=config.do_sample,
                 temperature=config.temperature if config.do_sample else None,
                 top_p=config.top_p if config.do_sample else None,
+                top_k=config.top_k if config.do_sample else None,
+                min_p=config.min_p if config.do_sample else None,
+                repetition_penalty=config.repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,
                 # only this rank generates: under ZeRO-3/FSDP transformers would otherwise
                 # all-reduce at every step with ranks that are waiting at the barrier
@@ -159,19 +267,37 @@ def evaluate(
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     total = [0.0] * len(completions)
     result: dict[str, float] = {}
-    for func in task.reward_funcs:
+    logs = _Logs()
+    weights = task.reward_weights or [1.0] * len(task.reward_funcs)
+    columns: dict[str, list[Any]] = {"prompt": list(task.prompts), "completion": completions}
+    for func, weight in zip(task.reward_funcs, weights, strict=True):
         rewards = list(
             func(
                 prompts=task.prompts,
                 completions=completions,
                 completion_ids=completion_ids,
                 **task.columns,
+                **logs.kwargs(trainer_state),
             )
         )
-        name = getattr(func, "__name__", type(func).__name__)
-        result[name] = _mean(rewards)
-        total = [t + (0.0 if r is None else float(r)) for t, r in zip(total, rewards, strict=True)]
+        if len(rewards) != len(completions):
+            raise InputError(
+                f"eval task {task.name!r}: reward function {func_name(func)!r} returned "
+                f"{len(rewards)} rewards for {len(completions)} completions"
+            )
+        result[func_name(func)] = _mean(rewards)
+        columns[func_name(func)] = rewards
+        total = [  # None (or NaN) counts as 0, as GRPO's nansum does
+            t + (0.0 if r is None or math.isnan(float(r)) else weight * float(r))
+            for t, r in zip(total, rewards, strict=True)
+        ]
     result["reward"] = _mean(total)
+    for name, values in logs.metrics.items():
+        result.setdefault(name, _mean(values))
+    if completions_table is not None:
+        columns.update(logs.extra)
+        for i in range(len(completions)):
+            completions_table.append({k: v[i] for k, v in columns.items() if i < len(v)})
     return result
 
 

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from ram_trl.callback import EvalTask, RAMConfig, attach  # noqa: E402
+from ram_trl.callback import EvalTask, RAMCallback, RAMConfig, attach  # noqa: E402
 from ram_trl.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def grpo(base: Path, out: Path, reward, *, steps: int = 4, peft_config=None, mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    kw = {"learning_rate": 1e-2, **kw}
+    kw = {"learning_rate": 1e-2, "max_completion_length": 8, **kw}
     args = GRPOConfig(
         output_dir=str(out),
         use_cpu=True,
@@ -50,7 +50,6 @@ def grpo(base: Path, out: Path, reward, *, steps: int = 4, peft_config=None, mod
         save_steps=2,
         per_device_train_batch_size=4,
         num_generations=4,
-        max_completion_length=8,
         report_to=[],
         logging_steps=1,
         gradient_checkpointing=False,
@@ -101,7 +100,13 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         trainer.train()
     s = SnapshotStore(store)
     assert s.agents() == ["digits", "letters"] and s.steps("letters") == [2, 4]
-    assert sorted(p.name for p in (store / "merged").iterdir()) == ["step-2", "step-4"]
+    # one entry per state of the store, named by a store-wide number; train end reused the last
+    entries = s.merged.entries()
+    assert [(e.name, e.steps) for e in entries] == [
+        ("merge-000001", {"digits": 4, "letters": 2}),
+        ("merge-000002", {"digits": 4, "letters": 4}),
+    ]
+    assert os.readlink(store / "merged" / "latest") == "merge-000002"
     sources = {a: TaskVectorSource(s.get(a, 4).path, store / "base") for a in ("digits", "letters")}
     merge(
         store / "base",
@@ -111,8 +116,8 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         params={"r": 0.1, "alpha": 2.0},
         progress=False,
     )
-    files_equal(store / "merged" / "step-4", tmp_path / "offline")
-    assert (store / "merged" / "step-4" / "README.md").is_file()  # model card
+    files_equal(store / "merged" / "latest", tmp_path / "offline")
+    assert (store / "merged" / "latest" / "README.md").is_file()  # model card
     last = logged(trainer, "eval_merged/")[-1]
     for key in (
         "ram/changed_fraction",
@@ -122,6 +127,7 @@ def test_two_agents_merge_matches_offline_merge(base, tmp_path):
         "ram/unique_share",
         "ram/rho/digits",
         "ram/lambda/letters",
+        "ram/merge_lag_steps",
         "eval_merged/digits/reward",
         "eval_agent/digits/reward",
         "eval_base/digits/reward",
@@ -192,7 +198,7 @@ def test_background_merge_with_lora_output(base, tmp_path):
             eval_max_new_tokens=4,
         )
         trainer.train()
-    out = store / "merged" / "step-2"
+    out = store / "merged" / "latest"
     assert (out / "adapter_config.json").is_file()
     report = json.loads((out / "ram_trl_merge.json").read_text())
     assert 0 <= report["lora"]["error"] < 1
@@ -200,10 +206,143 @@ def test_background_merge_with_lora_output(base, tmp_path):
     assert "ram/lora_error" in last and "ram/merge_wait_seconds" in last
 
 
+def test_background_merges_coalesce_and_the_last_snapshots_are_merged(base, tmp_path):
+    """A merge in a subprocess takes seconds, a training step a fraction of one: the snapshots
+    taken meanwhile are coalesced into the next merge (not dropped), and train end merges every
+    agent's last snapshot, equal to ``ram-trl merge --store`` of them."""
+    from ram_trl.cli import main
+    from ram_trl.snapshot import SnapshotStore
+
+    store = tmp_path / "store"
+    first = grpo(base, tmp_path / "a", digits, steps=4)
+    attach(first, store=store, agent="a")
+    first.train()
+    trainer = grpo(base, tmp_path / "b", letters, steps=8)
+    attach(trainer, store=store, agent="b", merge_background=True)
+    trainer.train()
+    s = SnapshotStore(store)
+    assert s.steps("b") == [2, 4, 6, 8]
+    assert s.merged.latest().steps == {"a": 4, "b": 8}  # the final generalist is not stale
+    entries = s.merged.entries()
+    assert len(entries) < 4  # four saves, fewer merges: they coalesced
+    assert [e.steps["b"] for e in entries] == sorted({e.steps["b"] for e in entries})
+    offline = tmp_path / "offline"
+    assert main(["merge", "--store", str(store), "--out", str(offline), "-q"]) == 0
+    files_equal(store / "merged" / "latest", offline)
+    lags = [h["ram/merge_lag_steps"] for h in logged(trainer, "ram/merge_lag_steps")]
+    assert lags[-1] == 0 and min(lags) >= 0  # how stale each merge was when it landed
+    assert not [p for p in (store / "merged").iterdir() if p.name.startswith(".")]
+
+
+SEEN: list[dict] = []
+
+
+def recording(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **kw):
+    """A reward function that takes GRPO's keyword arguments by name and logs through them."""
+    SEEN.append({"state": trainer_state, "lengths": [len(ids) for ids in completion_ids]})
+    log_metric("mean_length", sum(map(len, completion_ids)) / len(completion_ids))
+    log_extra("length", [len(ids) for ids in completion_ids])
+    return digits(prompts, completions)
+
+
+def test_evaluation_follows_the_trainer(base, tmp_path):
+    """Own cadence (every step, merged or not), the trainer's max_completion_length and
+    reward_weights, TRL's reward keyword arguments, and the base scored once per store."""
+    import json
+
+    store = tmp_path / "store"
+    task = EvalTask("t", PROMPTS, [recording, letters])
+    first = grpo(base, tmp_path / "a", digits, steps=2)
+    attach(first, store=store, agent="a")
+    first.train()
+    trainer = grpo(
+        base,
+        tmp_path / "b",
+        [recording, letters],
+        steps=4,
+        max_completion_length=3,
+        reward_weights=[2.0, 0.5],
+    )
+    attach(
+        trainer,
+        store=store,
+        agent="b",
+        eval_tasks=[task],
+        eval_every_steps=1,
+        eval_base=True,
+        eval_log_completions=True,
+    )
+    SEEN.clear()
+    trainer.train()
+    evals = logged(trainer, "eval_agent/")
+    # every step, not only at merges; at train end, the final generalist (merged at step 4's save)
+    assert [h["step"] for h in evals] == [1, 2, 3, 4, 4]
+    assert "eval_merged/t/reward" not in evals[0]  # nothing merged yet at step 1
+    last = evals[-1]
+    assert last["ram/eval_merge_sequence"] == 2  # the newest merged model, {a: 2, b: 4}
+    for prefix in ("eval_merged", "eval_agent", "eval_base"):
+        r = {k.rsplit("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{prefix}/t/")}
+        assert r["reward"] == pytest.approx(2.0 * r["recording"] + 0.5 * r["letters"])
+        assert 0 <= r["mean_length"] <= 3  # logged by the reward function through log_metric
+    assert all(max(s["lengths"]) <= 3 for s in SEEN)  # GRPO's length, not 64
+    assert all(s["state"] is trainer.state for s in SEEN[1:])  # [0]: the construction check
+    rows = [json.loads(line) for line in (store / "eval" / "completions-b.jsonl").open()]
+    assert len(rows) == 3 * len(PROMPTS)  # merged at step 2's save: steps 3, 4 and train end
+    assert rows[-1].keys() == {
+        "step",
+        "merged",
+        "task",
+        "prompt",
+        "completion",
+        "recording",
+        "letters",
+        "length",
+    }
+    assert rows[-1]["merged"] == "merge-000002" and rows[-1]["length"] <= 3  # log_extra's column
+    (cache,) = (store / "eval").glob("base-*.json")
+    assert json.loads(cache.read_text()) == {k: v for k, v in last.items() if "eval_base" in k}
+    cache.write_text(json.dumps({"eval_base/t/reward": 123.0}))  # a later job reads the cache
+    again = grpo(
+        base,
+        tmp_path / "c",
+        [recording, letters],
+        steps=1,
+        max_completion_length=3,
+        reward_weights=[2.0, 0.5],
+    )
+    attach(again, store=store, agent="c", eval_tasks=[task], eval_every_steps=1, eval_base=True)
+    again.train()
+    assert logged(again, "eval_base/")[-1]["eval_base/t/reward"] == 123.0
+
+
+def test_a_broken_reward_function_fails_at_construction(base, tmp_path):
+    def boom(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    def short(prompts, completions, **kwargs):
+        return []
+
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
+    trainer = grpo(base, tmp_path / "run", digits)
+    for func, message in (
+        (boom, r"eval task 't': reward function 'boom' failed on the task's first prompt: KeyErr"),
+        (short, "reward function 'short' returned 0 rewards for 1 completion"),
+        (no_kwargs, "reward function 'no_kwargs' does not take GRPOTrainer's keyword arguments"),
+    ):
+        with pytest.raises(InputError, match=message):
+            attach(
+                trainer, store=tmp_path / "s", agent="a", eval_tasks=[EvalTask("t", PROMPTS, func)]
+            )
+
+
 def test_plain_trainer_and_rloo(base, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from trl import RLOOConfig, RLOOTrainer
+
+    from ram_trl.snapshot import SnapshotStore
 
     tok = AutoTokenizer.from_pretrained(base)
     enc = tok(["1+1=2", "2*3=6"] * 4)
@@ -246,7 +385,8 @@ def test_plain_trainer_and_rloo(base, tmp_path):
     )
     attach(rloo, store=tmp_path / "store", agent="rloo", base=str(base))
     rloo.train()
-    assert sorted(p.name for p in (tmp_path / "store" / "merged").iterdir()) == ["step-2"]
+    (entry,) = SnapshotStore(tmp_path / "store").merged.entries()
+    assert entry.steps == {"rloo": 2, "sft": 2}
     assert "ram/rho/sft" in logged(rloo, "ram/")[-1]
 
 
@@ -263,6 +403,8 @@ def test_bad_configuration_fails_at_construction(base, tmp_path):
     with pytest.raises(InputError, match="not allowed"):
         RAMConfig(store=str(tmp_path), agent="../x")
     trainer = grpo(base, tmp_path / "run", digits)
+    with pytest.raises(InputError, match="needs its trainer"):  # GRPOTrainer(callbacks=[...])
+        RAMCallback(RAMConfig(store=str(tmp_path), agent="a"))
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="cannot use"):
         attach(trainer, store=tmp_path / "file" / "store", agent="a")
@@ -298,43 +440,56 @@ def test_config_from_yaml(tmp_path):
         RAMConfig.from_yaml(bad)
 
 
+def launch_agent(agent: str, tmp_path: Path, *extra: str, launcher: tuple[str, ...] = ()):
+    """examples/train_agent.py for one of recipes/grpo/, into ``tmp_path/store``, 8 steps."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            *launcher,
+            "examples/train_agent.py",
+            "--config",
+            f"recipes/grpo/{agent}.yaml",
+            "--store",
+            str(tmp_path / "store"),
+            "--tiny_base_dir",
+            str(tmp_path / "base"),
+            "--output_dir",
+            str(tmp_path / agent),
+            "--max_steps",
+            "8",
+            *extra,
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT / "examples"),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 @pytest.mark.slow
 def test_two_concurrent_training_processes(tmp_path):
     """Two agents' jobs at once into one store (examples/train_agent.py, each launched with the
     one-GPU accelerate recipe, on CPU here; one trains LoRA): both race to write the tiny base,
-    both publish, merges are valid."""
+    both publish, merges are valid, no store state is merged twice, and the last one holds both
+    agents' final snapshots."""
     from ram_trl.snapshot import SnapshotStore, validate
 
     base = tmp_path / "base"  # neither job finds it: both write it, one publishes
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     lora = {"digits": [], "letters": ["--use_peft", "--lora_r", "4"]}
+    accelerate = (
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/single_gpu.yaml",
+    )
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                "recipes/accelerate/single_gpu.yaml",
-                "examples/train_agent.py",
-                "--config",
-                f"recipes/grpo/{agent}.yaml",
-                "--store",
-                str(tmp_path / "store"),
-                "--tiny_base_dir",
-                str(base),
-                "--output_dir",
-                str(tmp_path / agent),
-                "--max_steps",
-                "8",
-                *lora[agent],
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        launch_agent(agent, tmp_path, *lora[agent], launcher=accelerate)
         for agent in ("digits", "letters")
     ]
     started = time.time()
@@ -348,9 +503,78 @@ def test_two_concurrent_training_processes(tmp_path):
     assert all(i.valid for i in store.list())
     lora_touched = {n for n, e in validate(store.path("letters", 8)).tensors.items() if e.nnz}
     assert lora_touched and all("q_proj" in n or "v_proj" in n for n in lora_touched)  # PEFT's
-    merged = [p for p in (tmp_path / "store" / "merged").iterdir() if not p.name.startswith(".")]
-    assert merged and all((p / "config.json").is_file() for p in merged)
+    entries = store.merged.entries()  # one merge per state of the store, whoever made it
+    assert entries and all((e.path / "config.json").is_file() for e in entries)
+    assert len({e.key for e in entries}) == len(entries)
+    assert store.merged.latest().steps == {"digits": 8, "letters": 8}
     print(f"two concurrent jobs: {time.time() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_watch_merges_while_two_jobs_only_snapshot(tmp_path):
+    """``ram-trl watch`` beside two concurrent jobs with ``merge: watcher``: the jobs never merge,
+    the watcher merges the snapshots of both as they land (and scores each merged model), and
+    its last merge holds both agents' final snapshots."""
+    import json
+    import signal
+
+    from ram_trl.snapshot import SnapshotStore
+
+    store = tmp_path / "store"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "examples"),
+    }
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        "eval_tasks: [{name: arithmetic, prompts: ['1+1='], reward_funcs: [toy_rewards:digits]}]\n"
+        "eval_max_new_tokens: 4\neval_base: true\n"
+    )
+    SnapshotStore(store)  # the watcher starts first, on an empty store
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ram_trl",
+            "watch",
+            str(store),
+            "--interval",
+            "0.2",
+            "--eval",
+            str(recipe),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watching = ("--save_steps", "2", "--merge", "watcher", "--eval_tasks", "[]")
+    jobs = [launch_agent(agent, tmp_path, *watching) for agent in ("digits", "letters")]
+    try:
+        for job in jobs:
+            out = job.communicate(timeout=300)[0]
+            assert job.returncode == 0, out[-3000:]
+        s, deadline = SnapshotStore(store), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = s.merged.latest()
+            if latest is not None and latest.steps == {"digits": 8, "letters": 8}:
+                break
+            time.sleep(0.5)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err[-3000:]
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    entries = s.merged.entries()
+    assert [line["entry"] for line in lines] == [e.name for e in entries]
+    assert all(line["made"] for line in lines)  # made by the watcher: the jobs only snapshot
+    assert entries[-1].steps == {"digits": 8, "letters": 8}
+    assert len({e.key for e in entries}) == len(entries) >= 2  # it followed both jobs
+    assert all("eval_merged/arithmetic/reward" in line["scores"] for line in lines)
+    assert (store / "eval" / f"{entries[-1].name}.json").is_file()
 
 
 def test_configs_parse_side_by_side_like_trl_scripts(tmp_path):

@@ -102,7 +102,8 @@ def test_a_ppo_loop_snapshots_its_policy_and_merges(tiny_base_factory, tmp_path,
     assert {"ram/lambda/digits", "ram/lambda/letters"} <= set(logs["letters"])
     sources = {k: TaskVectorSource(snapshots.get(k, 3).path, base) for k in ("digits", "letters")}
     merge(base, sources, "ram_plus", tmp_path / "offline", progress=False)
-    got = load_file(store / "merged" / "step-3" / "model.safetensors")
+    assert snapshots.merged.latest().steps == {"digits": 3, "letters": 3}
+    got = load_file(store / "merged" / "latest" / "model.safetensors")
     want = load_file(tmp_path / "offline" / "model.safetensors")
     assert got.keys() == want.keys() == policy_names
     assert all(torch.equal(got[k], want[k]) for k in got)

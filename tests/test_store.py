@@ -384,11 +384,14 @@ def test_cli_snapshot_and_ls(tmp_path: Path, models: list[Path], capsys) -> None
     assert "step 301" in capsys.readouterr().out  # no step in the name: the next free one
     assert run_cli("store", "ls", str(store)) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["agent", "step", "density", "size", "created", "status"]
-    assert [line.split()[:2] for line in lines[1:]] == [["coder", "300"], ["coder", "301"]]
-    assert all(line.endswith("ok") for line in lines[1:])
+    fingerprint = SnapshotStore(store).base_fingerprint
+    assert lines[0] == f"base: {base.resolve()}  (fingerprint {fingerprint})"
+    assert lines[1].split() == ["agent", "step", "density", "size", "created", "status"]
+    assert [line.split()[:2] for line in lines[2:]] == [["coder", "300"], ["coder", "301"]]
+    assert all(line.endswith("ok") for line in lines[2:])
     assert run_cli("store", "ls", str(store), "--json") == 0
-    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    base_row, first = map(json.loads, capsys.readouterr().out.splitlines()[:2])
+    assert base_row == {"kind": "base", "path": str(base.resolve()), "fingerprint": fingerprint}
     assert first["metrics"] == {"mean_reward": 0.25} and first["error"] is None
     assert run_cli("snapshot", "--base", str(base), "--model", str(a),
                    "--out", str(tmp_path / "loose")) == 0  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,9 @@ def test_a_hand_written_loop_snapshots_and_merges(tiny_base_factory, tmp_path):
     s = SnapshotStore(store)
     sources = {a: TaskVectorSource(s.get(a, 3).path, base) for a in ("a", "b")}
     merge(base, sources, "ram_plus", tmp_path / "offline", progress=False)
-    got = load_file(store / "merged" / "step-3" / "model.safetensors")
+    (entry,) = s.merged.entries()
+    assert entry.steps == {"a": 3, "b": 3} and s.merged.latest() == entry
+    got = load_file(store / "merged" / "latest" / "model.safetensors")
     want = load_file(tmp_path / "offline" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
@@ -88,6 +91,32 @@ def test_snapshot_dtype_counts_the_changes_a_bf16_checkpoint_keeps(tmp_path):
     assert not changed[0].any() and changed[1].all() and not changed[2:].any()
     total = sum(p.numel() for p in model.parameters())
     assert logs["ram/changed_fraction"] == pytest.approx(weight.shape[1] / total)
+
+
+def test_background_merge_lag_and_final_merge(tiny_base_factory, tmp_path):
+    """A background merge started at step 3 and picked up at step 10 is 7 steps stale; close()
+    then merges the newer snapshot it did not include."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_base_factory()
+    store = tmp_path / "store"
+    runs = {}
+    for seed, agent in enumerate(("a", "b")):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        cfg = RAMConfig(store=str(store), agent=agent, base=str(base), merge_background=True)
+        runs[agent] = run = AgentRun(model, cfg)
+        run.start()
+        train(model, seed)
+        assert "ram/merge_lag_steps" not in run.snapshot_and_merge(3)  # a merge starts, for b
+    run, deadline = runs["b"], time.monotonic() + 120
+    while not (logs := run.poll(10)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logs["ram/merge_lag_steps"] == 7 and logs["ram/merge_sequence"] == 1
+    train(run.model, 5)
+    run.snapshot(10)
+    final = run.close(10)
+    assert final["ram/merge_lag_steps"] == 0 and final["ram/merge_sequence"] == 2
+    assert SnapshotStore(store).merged.latest().steps == {"a": 3, "b": 10}
 
 
 def test_snapshot_before_start_is_an_error(tiny_base_factory, tmp_path):

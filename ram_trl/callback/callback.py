@@ -5,8 +5,9 @@ Add it to each agent's trainer (GRPO, RLOO or a plain ``Trainer``), all sharing 
     trainer.add_callback(RAMCallback(trainer, RAMConfig(store="runs/store", agent="math")))
 
 At every save (or every N steps) the agent's task vector goes to the store; once the store holds
-two or more agents, their newest snapshots are merged into ``<store>/merged/step-<N>/`` and the
-merged model is evaluated next to the agent. The work is the run's; this module maps the trainer's
+two or more agents, their newest snapshots are merged into the store's next
+``merged/merge-<N>/`` (unless a job merged that state already) and the newest merged model is
+evaluated next to the agent. The work is the run's; this module maps the trainer's
 hooks onto it and logs what it returns through ``Trainer.log``. The hooks receive no trainer, so
 the callback holds the one it is given.
 """
@@ -20,6 +21,8 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ram_trl.distributed import Ranks
+from ram_trl.errors import InputError
+from ram_trl.evaluation import TrainerContext
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.run import AgentRun, as_config
 
@@ -38,7 +41,17 @@ class RAMCallback(TrainerCallback):
     models and then wait at a barrier.
     """
 
-    def __init__(self, trainer: Trainer, config: RAMConfig | Mapping[str, Any] | str | os.PathLike):
+    def __init__(
+        self,
+        trainer: Trainer,
+        config: RAMConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+    ) -> None:
+        if config is None or not hasattr(trainer, "accelerator") or not hasattr(trainer, "args"):
+            raise InputError(
+                "RAMCallback needs its trainer (Trainer hooks are not given it): build it as "
+                "trainer.add_callback(RAMCallback(trainer, config)), or attach(trainer, config), "
+                f"not with {type(trainer).__name__!r} alone"
+            )
         self.trainer = trainer
         self.run = AgentRun(
             trainer.model,
@@ -46,6 +59,7 @@ class RAMCallback(TrainerCallback):
             tokenizer=getattr(trainer, "processing_class", None),
             ranks=Ranks.from_accelerator(trainer.accelerator),
             device=trainer.args.device,
+            context=trainer_context(trainer),
         )
 
     @property
@@ -57,14 +71,18 @@ class RAMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._model()
+        self.run.context.state = state  # train() made a new one: what reward functions get
         self.run.start(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._model()
-        self._log(self.run.poll())
+        self._log(self.run.poll(state.global_step))
         every = self.config.snapshot_steps
         if every is not None and state.global_step % every == 0:
             self._log(self.run.snapshot_and_merge(state.global_step))
+        every = self.config.eval_every_steps
+        if every is not None and state.global_step % every == 0:
+            self._log(self.run.evaluate(state.global_step))
 
     def on_save(self, args, state, control, **kwargs):
         self._model()
@@ -75,13 +93,64 @@ class RAMCallback(TrainerCallback):
         self._model()
         if self.config.snapshot_on_train_end and state.global_step != self.run.last_step:
             self._log(self.run.snapshot_and_merge(state.global_step))
-        self._log(self.run.close())
+        self._log(self.run.close(state.global_step))
 
     def _log(self, logs: dict[str, float]) -> None:
         # Trainer.log itself, not the trainer's override: GRPO's log() would flush (and so
         # misattribute) its accumulated training metrics into this entry.
         if logs:
             Trainer.log(self.trainer, dict(logs))
+        if self.run.completions:
+            rows, self.run.completions = self.run.completions, []
+            self._log_table(rows)
+
+    def _log_table(self, rows: list[dict[str, Any]]) -> None:
+        """The merged model's completions as a table, where TRL's LogCompletionsCallback puts
+        its own: wandb and Comet, when the trainer reports to them (the rows are also in the
+        store's ``eval/completions-<agent>.jsonl`` either way)."""
+        import pandas as pd
+
+        report_to = self.trainer.args.report_to or []
+        table = pd.DataFrame(rows)
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"ram/completions": wandb.Table(dataframe=table)})
+        if "comet_ml" in report_to:
+            from trl.trainer.utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment(name="ram_completions.csv", table=table)
+
+
+#: GRPOConfig / RLOOConfig fields -> GenerationSettings fields
+_GENERATION_ARGS = {
+    "max_completion_length": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+def trainer_context(trainer: Trainer) -> TrainerContext:
+    """What evaluation follows from the trainer: its generation settings, reward functions and
+    weights (GRPO's and RLOO's names), and its state, which reward functions get as
+    ``trainer_state``. A plain ``Trainer`` has none of the first three."""
+    args = trainer.args
+    generation = {
+        ours: getattr(args, theirs)
+        for theirs, ours in _GENERATION_ARGS.items()
+        if getattr(args, theirs, None) is not None
+    }
+    weights = getattr(args, "reward_weights", None)
+    return TrainerContext(
+        generation=generation,
+        reward_funcs=list(getattr(trainer, "reward_funcs", None) or []),
+        reward_weights=None if weights is None else [float(w) for w in weights],
+        state=trainer.state,
+    )
 
 
 def attach(

@@ -2,8 +2,8 @@
 
 Each command family is a module with an ``add_parser(subparsers)`` that registers its commands
 and sets ``func`` on them: :mod:`~ram_trl.cli.demo` (``demo``), :mod:`~ram_trl.cli.merge`
-(``merge``, ``methods``),
-:mod:`~ram_trl.cli.probe` (``probe``), :mod:`~ram_trl.cli.snapshot` (``snapshot``, ``store``).
+(``merge``, ``methods``), :mod:`~ram_trl.cli.probe` (``probe``), :mod:`~ram_trl.cli.snapshot`
+(``snapshot``, ``store``), :mod:`~ram_trl.cli.watch` (``watch``).
 Adding a family is one line in ``COMMANDS``. Imports stay lean (no torch, no transformers) until
 a command runs, so ``--help`` is instant and start-up does not eat into merge time. Library code
 never imports this package.
@@ -17,7 +17,13 @@ import sys
 from collections.abc import Sequence
 
 #: modules with an ``add_parser(subparsers)``, in the order ``--help`` lists their commands
-COMMANDS = ("ram_trl.cli.demo", "ram_trl.cli.merge", "ram_trl.cli.probe", "ram_trl.cli.snapshot")
+COMMANDS = (
+    "ram_trl.cli.demo",
+    "ram_trl.cli.merge",
+    "ram_trl.cli.probe",
+    "ram_trl.cli.snapshot",
+    "ram_trl.cli.watch",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

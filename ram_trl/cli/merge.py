@@ -56,6 +56,22 @@ def add_parser(subparsers: Any) -> None:
     merge.add_argument("--shard-size", help="largest output shard, e.g. 5GB (default) or 500MB")
     merge.add_argument("--overwrite", action="store_true", default=None, help="replace --out")
     merge.add_argument(
+        "--output",
+        choices=("model", "lora"),
+        help="a full model folder (default) or a LoRA adapter",
+    )
+    merge.add_argument(
+        "--lora-rank",
+        help="rank of a LoRA output (default 16), or 'auto': per module the "
+        "smallest within --lora-max-error",
+    )
+    merge.add_argument(
+        "--lora-max-error",
+        type=float,
+        help="largest relative error of a LoRA output (auto "
+        "rank: the target; a fixed rank: warned about above it; default 0.1 with auto)",
+    )
+    merge.add_argument(
         "--dry-run", action="store_true", help="validate every input and print the plan only"
     )
     merge.set_defaults(func=run_merge)
@@ -125,7 +141,18 @@ def _config(args: argparse.Namespace):
         config.base = args.base or config.base
         config.agents = agents or config.agents
         config.store = store
-    for name in ("method", "device", "out", "dtype", "shard_size", "overwrite"):
+    names = (
+        "method",
+        "device",
+        "out",
+        "dtype",
+        "shard_size",
+        "overwrite",
+        "output",
+        "lora_rank",
+        "lora_max_error",
+    )
+    for name in names:
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)

@@ -45,7 +45,9 @@ def add_parser(subparsers: Any) -> None:
 
     s = subparsers.add_parser("store", help="inspect and maintain a snapshot store")
     commands = s.add_subparsers(dest="store_command", metavar="{ls,prune,clean}", required=True)
-    ls = commands.add_parser("ls", help="list snapshots: agent, step, density, size, created")
+    ls = commands.add_parser(
+        "ls", help="list the base, the agents' snapshots and the merged models with their inputs"
+    )
     ls.add_argument("store")
     ls.add_argument("--agent", help="only this agent")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -55,7 +57,9 @@ def add_parser(subparsers: Any) -> None:
     pr.add_argument("--keep-last", type=int, required=True)
     pr.add_argument("--agent", action="append", help="agent(s) to prune (default: all)")
     pr.set_defaults(func=run_store_prune)
-    cl = commands.add_parser("clean", help="delete what killed writers left behind")
+    cl = commands.add_parser(
+        "clean", help="delete what killed writers and merges left behind (temporaries, markers)"
+    )
     cl.add_argument("store")
     cl.set_defaults(func=run_store_clean)
 
@@ -161,33 +165,49 @@ def run_store_ls(args: argparse.Namespace) -> int:
 
     store = SnapshotStore(args.store, create=False)
     rows = [i for i in store.list() if args.agent in (None, i.agent)]
+    merged = store.merged.entries()
+    latest = store.merged.latest()
     if args.json:
+        base = {"path": store.base_path, "fingerprint": store.base_fingerprint}
+        print(json.dumps({"kind": "base", **base}))
+        keys = ("agent", "step", "size", "nnz", "numel", "density", "created", "metrics", "error")
         for i in rows:
-            keys = (
-                "agent",
-                "step",
-                "size",
-                "nnz",
-                "numel",
-                "density",
-                "created",
-                "metrics",
-                "error",
+            print(
+                json.dumps(
+                    {"kind": "snapshot", "path": str(i.path), **{k: getattr(i, k) for k in keys}}
+                )
             )
-            print(json.dumps({"path": str(i.path), **{k: getattr(i, k) for k in keys}}))
+        for e in merged:
+            record = {"kind": "merged", "name": e.name, "path": str(e.path), **e.record()}
+            print(json.dumps({**record, "latest": latest == e}))
         return 0
+    print(f"base: {store.base_path or '-'}  (fingerprint {store.base_fingerprint or 'none yet'})")
     table = [("agent", "step", "density", "size", "created", "status")]
     for i in rows:
         density = "-" if i.density is None else f"{i.density:.4%}"
         size = "-" if i.error else human_size(i.size)
         status = "ok" if i.valid else f"CORRUPT: {i.error}"
         table.append((i.agent, str(i.step), density, size, i.created or "-", status))
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    _print_table(table)
     if len(table) == 1:
         print(f"(no snapshots in {store.root})")
+    table = [("merged", "inputs", "method", "output", "created", "")]
+    for e in merged:
+        inputs = " ".join(f"{agent}@{step}" for agent, step in e.steps.items())
+        method, output = e.settings.get("method", "?"), e.settings.get("output", "?")
+        mark = "<- latest" if latest == e else ""
+        table.append((e.name, inputs, str(method), str(output), e.created or "-", mark))
+    if merged:
+        print()
+        _print_table(table)
     return 0
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
+    for r in table:
+        cells = "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False))
+        print(f"{cells}  {r[-1]}".rstrip())
 
 
 def run_store_prune(args: argparse.Namespace) -> int:

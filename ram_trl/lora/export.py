@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +44,7 @@ def factorize(
     *,
     method: Literal["svd", "lowrank"] = "svd",
     niter: int = 4,
+    max_error: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factorization ``B @ A ~= delta`` by truncated SVD, in float32.
 
@@ -57,6 +60,10 @@ def factorize(
     randomized solvers lose the most. ``method="lowrank"`` uses ``torch.svd_lowrank`` (randomized,
     ``niter`` power iterations, ``rank + 8`` columns): O(out * in * rank) instead of
     O(out * in * min(out, in)), for very large matrices on CPU; check the error it reports.
+
+    With ``max_error``, ``rank`` is an upper bound: the factors have the smallest rank whose
+    error is at most ``max_error`` (by the singular values: ``sqrt(sum of the dropped s_i^2) /
+    ||delta||``), or ``rank`` when none is, and are not padded.
 
     Returns:
         ``(A, B, error)`` with ``error = ||delta - B @ A||_F / ||delta||_F`` measured on the
@@ -85,6 +92,13 @@ def factorize(
         q = min(k + 8, out_features, in_features)
         u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
         u, s, vh = u[:, :k], s[:k], v[:, :k].T
+    if max_error is not None:
+        kept = torch.cumsum(s.double() ** 2, 0)
+        tails = (float(norm) ** 2 - kept).clamp(min=0).sqrt() / float(norm)
+        fits = (tails <= max_error).nonzero()
+        k = int(fits[0]) + 1 if len(fits) else k
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+        a, b = matrix.new_zeros(k, in_features), matrix.new_zeros(out_features, k)
     root = s.sqrt()
     b[:, :k] = u * root
     a[:k] = root[:, None] * vh
@@ -103,7 +117,7 @@ class AdapterWriter:
     def __init__(
         self,
         *,
-        rank: int,
+        rank: int | Literal["auto"],
         base_model_name_or_path: str,
         target_modules: Sequence[str] | str | None = None,
         alpha: float | None = None,
@@ -112,10 +126,18 @@ class AdapterWriter:
         method: Literal["svd", "lowrank"] = "svd",
         dtype: torch.dtype = torch.float32,
         task_type: str | None = "CAUSAL_LM",
+        max_error: float | None = None,
     ) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise InputError(f"rank must be a positive integer, got {rank!r}")
-        self.rank, self.lora_alpha = rank, float(rank if alpha is None else alpha)
+        auto = rank == "auto"
+        if not auto and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise InputError(f"rank must be a positive integer or 'auto', got {rank!r}")
+        if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
+            raise InputError(f"max_error must be a number >= 0, got {max_error!r}")
+        if auto and alpha is not None:
+            raise InputError("rank='auto' sets each module's alpha to its rank; give no alpha")
+        self.auto, self.max_error = auto, (0.1 if auto and max_error is None else max_error)
+        self.rank: int | str = rank
+        self.lora_alpha = float(1 if auto else rank if alpha is None else alpha)
         if not self.lora_alpha > 0:
             raise InputError(f"alpha must be positive, got {alpha!r}")
         self.base_model_name_or_path = base_model_name_or_path
@@ -125,18 +147,24 @@ class AdapterWriter:
             DEFAULT_EMBEDDING_NAMES if embedding_modules is None else embedding_modules
         )
         self._matches = module_matcher(target_modules)
-        self._unscale = 1.0 / math.sqrt(self.lora_alpha / rank)
+        # rank 'auto': alpha = each module's rank, so scaling is 1 and the factors are stored as is
+        self._unscale = 1.0 if auto else 1.0 / math.sqrt(self.lora_alpha / int(rank))
         self.tensors: dict[str, torch.Tensor] = {}
         self.modules: dict[str, dict[str, Any]] = {}
+        self.exact: dict[str, torch.Tensor] = {}  # merged values PEFT holds whole (bias, norms)
         self.dropped: dict[str, dict[str, Any]] = {}
         self.zero: list[str] = []
         self._seen: set[str] = set()
         self._squared_error = self._squared_norm = 0.0
 
     @torch.no_grad()
-    def add(self, name: str, delta: torch.Tensor) -> None:
-        """Factorize one delta (a PEFT name is normalized with :func:`base_weight_name`); one that
-        LoRA cannot express is recorded under ``dropped``, an all-zero one under ``zero``."""
+    def add(self, name: str, delta: torch.Tensor, merged: torch.Tensor | None = None) -> None:
+        """Factorize one delta (a PEFT name is normalized with :func:`base_weight_name`).
+
+        A delta LoRA cannot express (a bias, a norm: not a 2-D ``*.weight``) is carried whole
+        when ``merged`` (its merged value) is given: a bias as PEFT's ``bias="all"``, any other
+        parameter through ``modules_to_save``. Without it, or for a non-float tensor, it is
+        recorded under ``dropped``. An all-zero delta is recorded under ``zero``."""
         name = base_weight_name(name)
         if name in self._seen:
             raise InputError(f"delta {name} is given twice")
@@ -154,17 +182,25 @@ class AdapterWriter:
             reason = "its module is not matched by target_modules"
         matrix = delta.detach().to(torch.float32)
         norm = float(torch.linalg.vector_norm(matrix)) if delta.is_floating_point() else 0.0
+        if norm == 0.0 and delta.is_floating_point():
+            self.zero.append(name)
+            return
+        if reason is not None and merged is not None and delta.is_floating_point():
+            if tuple(merged.shape) != tuple(delta.shape):
+                raise InputError(f"merged value of {name} has shape {tuple(merged.shape)}")
+            self.exact[name] = merged.detach().to("cpu").contiguous()
+            return
         if reason is not None:
             self.dropped[name] = {"shape": shape, "norm": norm, "reason": reason}
-            return
-        if norm == 0.0:
-            self.zero.append(name)
             return
         names = self._embedding_names
         embedding = module in names or module.rsplit(".", 1)[-1] in names
         # PEFT: Linear delta = B @ A; Conv1D (fan_in_fan_out) and Embedding delta = (B @ A).T
         transpose = embedding or self.fan_in_fan_out
-        a, b, error = factorize(matrix.T if transpose else matrix, self.rank, method=self.method)
+        matrix = matrix.T if transpose else matrix
+        bound = min(matrix.shape) if self.auto else int(self.rank)
+        limit = self.max_error if self.auto else None
+        a, b, error = factorize(matrix, bound, method=self.method, max_error=limit)
         key = f"{PEFT_PREFIX}{module}"
         a_key, b_key = (
             (f"{key}.lora_embedding_A", f"{key}.lora_embedding_B")
@@ -176,6 +212,7 @@ class AdapterWriter:
         self.modules[module] = {
             "shape": shape,
             "kind": "embedding" if embedding else "linear",
+            "rank": int(a.shape[0]),
             "norm": norm,
             "error": error,
         }
@@ -199,10 +236,40 @@ class AdapterWriter:
             "target_modules": targets,
             "error": math.sqrt(self._squared_error / self._squared_norm),
             "max_error": max(m["error"] for m in self.modules.values()),
+            "error_limit": self.max_error,
             "modules": self.modules,
+            "exact": sorted(self.exact),
+            "modules_to_save": self._modules_to_save(),
             "dropped": self.dropped,
             "zero": self.zero,
         }
+
+    def _modules_to_save(self) -> list[str]:
+        """Modules with a carried parameter other than a bias (norms): PEFT copies them whole."""
+        return sorted({module_of(n) for n in self.exact if not n.endswith(".bias")})
+
+    def _exact_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT's names for the carried values: a bias of a LoRA module is its base layer's."""
+        whole = set(self._modules_to_save())
+        out = {}
+        for name, value in self.exact.items():
+            module = module_of(name)
+            if name.endswith(".bias") and module in self.modules and module not in whole:
+                out[f"{PEFT_PREFIX}{module}.base_layer.bias"] = value
+            else:
+                out[f"{PEFT_PREFIX}{name}"] = value
+        return out
+
+    def _rank_patterns(self) -> tuple[int, dict[str, int], dict[str, float]]:
+        """``r`` and, for rank 'auto', PEFT's per-module ``rank_pattern`` / ``alpha_pattern``
+        (full module names, which PEFT matches as a dotted suffix; alpha = rank, so every scaling
+        is 1)."""
+        if not self.auto:
+            return int(self.rank), {}, {}
+        ranks = [m["rank"] for m in self.modules.values()]
+        r = max(set(ranks), key=ranks.count)
+        others = {re.escape(k): m["rank"] for k, m in self.modules.items() if m["rank"] != r}
+        return r, others, {k: float(v) for k, v in others.items()}
 
     def _targets(self) -> list[str] | str:
         targets = sorted(self.modules) if self.target_modules is None else self.target_modules
@@ -215,31 +282,45 @@ class AdapterWriter:
 
         report = self.report(out_dir)
         if self.dropped:
-            logger.warning(
-                "save_lora_adapter: %d delta(s) cannot be expressed as LoRA and are NOT in %s: %s",
-                len(self.dropped),
-                out_dir,
-                few(
-                    [f"{n} ({d['reason']}, norm {d['norm']:.3g})" for n, d in self.dropped.items()]
-                ),
+            dropped = [
+                f"{n} ({d['reason']}, norm {d['norm']:.3g})" for n, d in self.dropped.items()
+            ]
+            warnings.warn(
+                f"{len(self.dropped)} merged delta(s) cannot be carried by the LoRA adapter and "
+                f"are NOT in {out_dir}: {few(dropped)}",
+                stacklevel=2,
             )
+        limit = self.max_error
+        if limit is not None and report["error"] > limit:
+            warnings.warn(
+                f"the LoRA adapter {out_dir} (rank {self.rank}) misses {report['error']:.1%} of "
+                f"the merged delta (relative Frobenius error, worst module "
+                f"{report['max_error']:.1%}), above the {limit:.1%} allowed: raise the rank, or "
+                "use rank 'auto'",
+                stacklevel=2,
+            )
+        r, rank_pattern, alpha_pattern = self._rank_patterns()
         config = LoraConfig(
-            r=self.rank,
-            lora_alpha=self.lora_alpha,
+            r=r,
+            lora_alpha=float(r) if self.auto else self.lora_alpha,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             target_modules=self._targets(),
             fan_in_fan_out=self.fan_in_fan_out,
-            bias="none",
+            bias="all" if any(n.endswith(".bias") for n in self.exact) else "none",
+            modules_to_save=self._modules_to_save() or None,
             base_model_name_or_path=self.base_model_name_or_path,
             task_type=self.task_type,
             inference_mode=True,
         )
         config.save_pretrained(str(directory))
-        specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in self.tensors.items()]
+        tensors = {**self.tensors, **self._exact_tensors()}
+        specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
         size = sum(spec.nbytes for spec in specs)  # one file: PEFT loads no sharded adapter
         with ShardedWriter(
             directory, specs, max_shard_bytes=max(1, size), basename=ADAPTER_BASENAME
         ) as writer:
-            for key, tensor in self.tensors.items():
+            for key, tensor in tensors.items():
                 writer.write(key, tensor)
         (directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         return report
@@ -307,11 +388,12 @@ def save_lora_adapter(
 
 class LoraSink:
     """The LoRA output of a merge: the merged model's rows come in chunk by chunk (with the base
-    rows), each 2-D floating-point tensor's delta ``merged - base`` (float32, from the stored
-    values) is assembled and handed to an :class:`AdapterWriter` as soon as it is complete, and
-    the adapter is written at :meth:`close`. One tensor's delta is in memory at a time, never a
-    dense merged model on disk. Other tensors (1-D, integer) cannot be expressed as LoRA and are
-    left out; all-zero deltas too.
+    rows), each floating-point tensor's delta ``merged - base`` (float32, from the stored values)
+    is assembled and handed to an :class:`AdapterWriter` as soon as it is complete, and the
+    adapter is written at :meth:`close`. One tensor's delta is in memory at a time, never a
+    dense merged model on disk. 2-D weights are factorized; biases and norms, which LoRA cannot
+    express, are carried whole (their merged values: PEFT's ``bias="all"`` and
+    ``modules_to_save``), so the adapter holds every merged delta; integer tensors are the base's.
     """
 
     def __init__(
@@ -319,15 +401,17 @@ class LoraSink:
         directory: Path,
         specs: Sequence[TensorSpec],
         *,
-        rank: int,
+        rank: int | Literal["auto"],
         base: str,
         out: str | os.PathLike,
+        max_error: float | None = None,
     ) -> None:
         self.directory, self.out = directory, out
-        self.writer = AdapterWriter(rank=rank, base_model_name_or_path=base)
-        self._specs = {s.name: s for s in specs if s.dtype.is_floating_point and len(s.shape) == 2}
+        self.writer = AdapterWriter(rank=rank, base_model_name_or_path=base, max_error=max_error)
+        self._specs = {s.name: s for s in specs if s.dtype.is_floating_point}
         self._name: str | None = None
         self._delta: torch.Tensor | None = None
+        self._merged: torch.Tensor | None = None  # kept for what is carried whole (not 2-D)
         self._filled = 0
         self.report: dict[str, Any] | None = None  # save_lora_adapter's, once closed
 
@@ -339,15 +423,22 @@ class LoraSink:
         if name != self._name:
             self._name, self._filled = name, 0
             self._delta = torch.empty(spec.numel, dtype=torch.float32)
+            whole = len(spec.shape) != 2
+            self._merged = torch.empty(spec.numel, dtype=spec.dtype) if whole else None
         assert self._delta is not None
-        piece = rows.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)
-        self._delta[self._filled : self._filled + piece.numel()] = piece
-        self._filled += piece.numel()
+        flat = rows.reshape(-1)
+        piece = flat.to(torch.float32) - base.reshape(-1).to(torch.float32)
+        stop = self._filled + piece.numel()
+        self._delta[self._filled : stop] = piece
+        if self._merged is not None:
+            self._merged[self._filled : stop] = flat
+        self._filled = stop
         if self._filled == spec.numel:
             delta = self._delta.view(spec.shape)
             if bool(delta.any()):
-                self.writer.add(name, delta)
-            self._name, self._delta = None, None
+                merged = None if self._merged is None else self._merged.view(spec.shape)
+                self.writer.add(name, delta, merged)
+            self._name, self._delta, self._merged = None, None, None
 
     def abort(self) -> None:
         """Nothing is open before :meth:`close`."""

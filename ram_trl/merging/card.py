@@ -124,11 +124,23 @@ def _agent_row(a: AgentStats, per_tensor: bool) -> str:
 def _adapter_note(report: MergeReport) -> str:
     if report.lora is None:
         return ""
+    lora = report.lora
+    exact = (
+        f" {len(lora.exact)} tensor(s) LoRA cannot express (biases, norms) are carried whole, "
+        'as PEFT\'s `bias="all"` and `modules_to_save`.'
+        if lora.exact
+        else ""
+    )
+    dropped = (
+        f" **Not carried** (the adapter differs from the merge there): {', '.join(lora.dropped)}."
+        if lora.dropped
+        else ""
+    )
     return (
         f"\nThe merged delta was re-factorized into this adapter by truncated SVD: relative "
-        f"reconstruction error {report.lora.error:.4g} overall, {report.lora.max_error:.4g} at "
-        "worst (`ram_trl_lora.json` has it per module). Load it over the base with "
-        "`PeftModel.from_pretrained`.\n"
+        f"reconstruction error {lora.error:.4g} overall, {lora.max_error:.4g} at "
+        f"worst (`ram_trl_lora.json` has it per module).{exact}{dropped} Load it over the base "
+        "with `PeftModel.from_pretrained`.\n"
     )
 
 

@@ -36,6 +36,11 @@ class MergeConfig:
     device: str = "cpu"
     shard_size: str | int = "5GB"
     overwrite: bool = False
+    #: ``"model"`` or ``"lora"``: a PEFT adapter of rank ``lora_rank`` (or ``"auto"``: per
+    #: module the smallest within ``lora_max_error``), biases and norms carried whole
+    output: str = "model"
+    lora_rank: int | str = 16
+    lora_max_error: float | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
@@ -102,4 +107,17 @@ class MergeConfig:
             overwrite=self.overwrite,
             dry_run=dry_run,
             progress=progress,
+            lora_rank=self._lora_rank(),
+            lora_max_error=self.lora_max_error,
         )
+
+    def _lora_rank(self) -> int | str | None:
+        if self.output not in ("model", "lora"):
+            raise InputError(f"output must be 'model' or 'lora', got {self.output!r}")
+        if self.output == "model":
+            return None
+        rank = self.lora_rank
+        rank = int(rank) if isinstance(rank, str) and rank.isdigit() else rank
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise InputError(f"lora_rank must be an integer >= 1 or 'auto', got {rank!r}")
+        return rank

@@ -71,16 +71,22 @@ def merge(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
-    lora_rank: int | None = None,
+    lora_rank: int | str | None = None,
+    lora_max_error: float | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeReport:
     """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
 
     ``params`` holds the method's parameters (e.g. ``{"r": 0.1, "alpha": 2.0}``). The output is
     a ``save_pretrained``-style folder published atomically: it appears complete or not at all.
     With ``lora_rank`` it is a PEFT LoRA adapter of that rank instead, the merged delta
-    re-factorized by truncated SVD (``ram_trl.lora.LoraSink``). With ``dry_run`` every input is
-    validated (headers, shapes, finiteness) and the statistics are computed, but nothing is
-    written.
+    re-factorized by truncated SVD, biases and norms carried whole (``ram_trl.lora.LoraSink``);
+    ``lora_rank="auto"`` gives each module the smallest rank within ``lora_max_error`` (default
+    0.1), and with a fixed rank an error above ``lora_max_error`` is warned about. With
+    ``dry_run`` every input is validated (headers, shapes, finiteness) and the statistics are
+    computed, but nothing is written. ``extra_files`` (name -> content) join the folder before
+    it is published, so that a record a store keeps with its merges (``merge_inputs.json``) is
+    never missing from one.
     """
     from ram_trl import __version__
 
@@ -132,7 +138,14 @@ def merge(
             else:
                 from ram_trl.lora import LoraSink
 
-                sink = LoraSink(tmp, specs, rank=lora_rank, base=report.base, out=str(out))
+                sink = LoraSink(
+                    tmp,
+                    specs,
+                    rank=lora_rank,
+                    base=report.base,
+                    out=str(out),
+                    max_error=lora_max_error,
+                )
             report.files = merge_into(sink, inputs, spec, params, plan, specs, device, progress)
             if lora_rank is not None:
                 report.lora = AdapterReport.of(sink.report)  # type: ignore[attr-defined]
@@ -140,6 +153,8 @@ def merge(
             report.seconds["merge_pass"] = time.perf_counter() - merging
             report.seconds["total"] = time.perf_counter() - started
             (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
     return report
 
 

@@ -63,15 +63,24 @@ class AdapterReport:
     """How well a LoRA output expresses the merged delta (truncated SVD, rank ``rank``):
     relative Frobenius errors overall and at worst, and the deltas LoRA could not express."""
 
-    rank: int
+    rank: int | str
     error: float
     max_error: float
     dropped: dict[str, Any] = field(default_factory=dict)
+    exact: list[str] = field(default_factory=list)  # carried whole: biases, norms
+    error_limit: float | None = None
 
     @classmethod
     def of(cls, adapter: dict[str, Any]) -> AdapterReport:
         """The summary of ``save_lora_adapter``'s report."""
-        return cls(adapter["rank"], adapter["error"], adapter["max_error"], adapter["dropped"])
+        return cls(
+            adapter["rank"],
+            adapter["error"],
+            adapter["max_error"],
+            adapter["dropped"],
+            adapter.get("exact", []),
+            adapter.get("error_limit"),
+        )
 
 
 @dataclass

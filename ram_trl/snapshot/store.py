@@ -5,7 +5,8 @@ Layout (one filesystem, several writers)::
     <root>/store.json                    format version and the base fingerprint of every entry
     <root>/.lock                         flock'ed around publishing, pruning and store.json updates
     <root>/agents/<agent>/step-<N>/      one task-vector snapshot (manifest.json + safetensors)
-    <root>/merged/<name>/                merged models (published with ``atomic_directory``)
+    <root>/merged/merge-<N>/             merged models, one per store state (``snapshot.merged``)
+    <root>/merged/latest                 symlink to the newest complete merged model
 
 Every entry is written into a hidden temporary sibling (``.tmp-...``), fsync'ed, and renamed into
 place, so readers (who take no lock) see a complete entry or none. Writers of different agents,
@@ -261,6 +262,14 @@ class SnapshotStore:
         """Where a merged model named ``name`` goes; publish it with ``atomic_directory``."""
         return self.root / "merged" / check_name(name, "merged model")
 
+    @property
+    def merged(self) -> Any:
+        """The store's merged entries (:class:`~ram_trl.snapshot.merged.MergedEntries`): claims,
+        ``latest``, retention."""
+        from ram_trl.snapshot.merged import MergedEntries
+
+        return MergedEntries(self)
+
     # -- writing -----------------------------------------------------------------------------
 
     def put(
@@ -403,7 +412,7 @@ class SnapshotStore:
                 elif p.name.startswith(".trash-") or self._orphaned(p, orphan_age_s):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
-        return removed
+        return removed + self.merged.clean(orphan_age_s)
 
     @staticmethod
     def _orphaned(tmp: Path, age_s: float) -> bool:

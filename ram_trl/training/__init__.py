@@ -6,8 +6,10 @@ weights, merges the store's agents and evaluates the result, rank-aware.
 * :mod:`~ram_trl.training.capture`: theta_0 on disk, and snapshots of the live model;
 * :mod:`~ram_trl.training.weights`: the live weights one tensor at a time (DDP, ZeRO-3, FSDP2,
   PEFT);
-* :mod:`~ram_trl.training.jobs`: merges of the store's newest snapshots, in process or in a
-  subprocess (``python -m ram_trl.training.jobs JOB.json``).
+* :mod:`~ram_trl.training.jobs`: merges of the store's newest snapshots, one per store state,
+  in process or in a subprocess (``python -m ram_trl.training.jobs JOB``);
+* :mod:`~ram_trl.training.scoring`: evaluation inside training (the base once per store);
+* :mod:`~ram_trl.training.watch`: the merge service behind ``ram-trl watch``.
 
 Builds on :mod:`ram_trl.snapshot`, :mod:`ram_trl.merging`, :mod:`ram_trl.lora`,
 :mod:`ram_trl.evaluation` and :mod:`ram_trl.distributed`; knows no trainer
@@ -18,7 +20,14 @@ transformers until a model is loaded for evaluation.
 from __future__ import annotations
 
 from ram_trl.training.config import RAMConfig
-from ram_trl.training.jobs import latest_snapshots, merge_snapshots
+from ram_trl.training.jobs import MergeSettings, latest_snapshots, merge_snapshots, merge_store
 from ram_trl.training.run import AgentRun
 
-__all__ = ["AgentRun", "RAMConfig", "latest_snapshots", "merge_snapshots"]
+__all__ = [
+    "AgentRun",
+    "MergeSettings",
+    "RAMConfig",
+    "latest_snapshots",
+    "merge_snapshots",
+    "merge_store",
+]

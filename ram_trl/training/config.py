@@ -21,6 +21,7 @@ from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings
 from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
+from ram_trl.training.jobs import MergeSettings
 
 
 def _from_json(value: Any, name: str, kind: type) -> Any:
@@ -58,21 +59,46 @@ class RAMConfig:
             configs parse side by side in ``HfArgumentParser``.)
         keep_last: keep only this agent's newest snapshots (``None``: keep all).
         overwrite: a fresh (not resumed) run may replace this agent's existing snapshots.
-        merge_every: merge after every k-th snapshot (0: never merge).
+        merge: who merges the store's agents. ``"self"``: this job, after its snapshots (every
+            job sharing the store may; they make one merge per state of the store, see
+            ``ram_trl.snapshot.merged``); ``"watcher"``: a ``ram-trl watch STORE`` process does,
+            and this job only snapshots; ``"never"``: nobody during training.
+        merge_every: with ``merge="self"``, merge after every k-th snapshot (0: never merge).
         min_agents: merge only when the store holds at least this many agents.
         merge_method, merge_params, merge_dtype: as ``ram_trl.merge``'s method/params/dtype.
             ``merge_params`` and ``eval_tasks`` may also be given as JSON text, which is how a
             command line (``HfArgumentParser`` / ``trl.TrlParser``) passes them, as
             ``TrainingArguments`` does for its dict fields.
-        merged_name: name of the merged model under ``<store>/merged/`` (``{step}``, ``{agent}``).
         merge_background: merge in a subprocess so that training is not paused by the merge.
-        merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (an adapter of rank
-            ``lora_rank``, re-factorized by truncated SVD).
-        eval_tasks: evaluate the merged model (and the agent, and optionally the base) on these.
-        eval_base, eval_agent: also evaluate the base / the current agent on the same prompts.
+            Merges coalesce: snapshots taken while one runs are merged (their newest) as soon as
+            it ends, and at train end the job waits for, or runs, the merge of every agent's
+            newest snapshot, so the final generalist includes the last snapshots.
+        keep_last_merged: keep only the newest merged entries of the store (``None``: all).
+        merge_output: ``"model"`` (a full HF folder) or ``"lora"`` (a PEFT adapter: 2-D weights
+            re-factorized by truncated SVD to rank ``lora_rank``, biases and norms carried whole).
+        lora_rank, lora_max_error: the adapter's rank, or ``"auto"``: per module the smallest
+            whose relative reconstruction error is at most ``lora_max_error``; a fixed rank
+            above that error is warned about (``ram/lora_error`` logs it). A command line
+            (``HfArgumentParser``) can give only an integer rank.
+        eval_tasks: evaluate the store's newest merged model (and the agent, and optionally the
+            base) on these. Their reward functions are called once at construction (a broken
+            one is an InputError naming the task and the function, before training starts).
+        eval_every_steps: evaluate every N training steps (``None``: whenever this job sees a new
+            merged model), independently of when merges happen.
+        eval_base, eval_agent: also evaluate the base (once per store: the scores are cached in
+            ``<store>/eval/``) / the current agent on the same prompts.
         eval_batch_size, eval_max_new_tokens, eval_do_sample, eval_temperature, eval_top_p,
-        eval_seed: generation settings (sampling is seeded and never disturbs training's RNG).
+        eval_top_k, eval_min_p, eval_repetition_penalty, eval_seed: generation settings
+            (sampling is seeded and never disturbs training's RNG). Those left ``None`` follow
+            the trainer's (``GRPOConfig.max_completion_length``, ``temperature``, ...), else
+            :class:`~ram_trl.evaluation.GenerationSettings`' defaults; greedy unless
+            ``eval_do_sample``. Reward weights come from a task's ``reward_weights``, else from
+            the trainer's ``reward_weights`` when the task has the trainer's reward functions.
         eval_device: ``"cpu"`` or ``"train"`` (the training device) for the loaded models.
+        eval_log_completions: keep the merged model's completions (step, task, prompt,
+            completion, each reward, ``log_extra`` columns): appended to
+            ``<store>/eval/completions-<agent>.jsonl`` and, as TRL's ``LogCompletionsCallback``
+            does, logged as a table to wandb / Comet when the trainer reports to them.
     """
 
     store: str
@@ -84,24 +110,31 @@ class RAMConfig:
     snapshot_dtype: str | None = None
     keep_last: int | None = None
     overwrite: bool = False
+    merge: str = "self"
     merge_every: int = 1
     min_agents: int = 2
     merge_method: str = "ram_plus"
     merge_params: dict[str, Any] | str | None = field(default_factory=dict)
     merge_dtype: str | None = None
-    merged_name: str = "step-{step}"
     merge_background: bool = False
+    keep_last_merged: int | None = None
     merge_output: str = "model"
-    lora_rank: int = 16
+    lora_rank: int | str = 16
+    lora_max_error: float = 0.1
     eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
+    eval_every_steps: int | None = None
     eval_base: bool = False
     eval_agent: bool = True
     eval_batch_size: int = 8
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int | None = None
     eval_do_sample: bool = False
-    eval_temperature: float = 1.0
-    eval_top_p: float = 1.0
+    eval_temperature: float | None = None
+    eval_top_p: float | None = None
+    eval_top_k: int | None = None
+    eval_min_p: float | None = None
+    eval_repetition_penalty: float | None = None
     eval_seed: int = 0
+    eval_log_completions: bool = False
     eval_device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -130,35 +163,64 @@ class RAMConfig:
             from ram_trl.merging.engine import parse_dtype
 
             parse_dtype(self.snapshot_dtype)  # validates
-        for name, low in (("snapshot_steps", 1), ("keep_last", 1)):
+        optional = ("snapshot_steps", "keep_last", "keep_last_merged", "eval_every_steps")
+        for name, low in ((n, 1) for n in optional):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
-        for name, low in (("merge_every", 0), ("min_agents", 1), ("lora_rank", 1)):
+        if isinstance(self.lora_rank, str) and self.lora_rank.isdigit():
+            self.lora_rank = int(self.lora_rank)
+        rank = self.lora_rank
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise InputError(f"lora_rank must be an integer >= 1 or 'auto', got {rank!r}")
+        err = self.lora_max_error
+        if isinstance(err, bool) or not isinstance(err, (int, float)) or not err >= 0:
+            raise InputError(f"lora_max_error must be a number >= 0, got {err!r}")
+        for name, low in (("merge_every", 0), ("min_agents", 1)):
             value, ok = getattr(self, name), isinstance(getattr(self, name), int)
             if not ok or value < low:
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("eval_batch_size", "eval_max_new_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise InputError(
+                f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}"
+            )
+        _ = self.generation  # validates the generation fields
+        if self.merge not in ("self", "watcher", "never"):
+            raise InputError(f"merge must be 'self', 'watcher' or 'never', got {self.merge!r}")
         if self.merge_output not in ("model", "lora"):
             raise InputError(f"merge_output must be 'model' or 'lora', got {self.merge_output!r}")
         if self.eval_device not in ("cpu", "train"):
             raise InputError(f"eval_device must be 'cpu' or 'train', got {self.eval_device!r}")
-        try:
-            self.merged_name.format(step=0, agent=self.agent)
-        except (KeyError, IndexError, ValueError) as e:
-            message = f"merged_name {self.merged_name!r} may use only {{step}} and {{agent}}: {e}"
-            raise InputError(message) from None
 
     @property
     def generation(self) -> GenerationSettings:
-        """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them."""
-        names = (f.name for f in dataclasses.fields(GenerationSettings))
-        return GenerationSettings(**{name: getattr(self, f"eval_{name}") for name in names})
+        """The ``eval_*`` generation fields, as :func:`ram_trl.evaluation.evaluate` takes them
+        (those left None: :class:`GenerationSettings`' defaults)."""
+        return self.generation_for({})
 
-    def merged_model_name(self, step: int) -> str:
-        return self.merged_name.format(step=step, agent=self.agent)
+    def generation_for(self, trainer: Mapping[str, Any]) -> GenerationSettings:
+        """The ``eval_*`` generation fields; those left None from ``trainer`` (the trainer's
+        settings, by :class:`GenerationSettings` field name), else the defaults."""
+        values = {}
+        for f in dataclasses.fields(GenerationSettings):
+            value = getattr(self, f"eval_{f.name}")
+            value = trainer.get(f.name) if value is None else value
+            if value is not None:
+                values[f.name] = value
+        return GenerationSettings(**values)
+
+    @property
+    def merge_settings(self) -> MergeSettings:
+        """What and how this job merges, as :func:`ram_trl.training.jobs.merge_store` takes it."""
+        return MergeSettings(
+            method=self.merge_method,
+            params=dict(self.merge_params),
+            dtype=self.merge_dtype,
+            output=self.merge_output,
+            lora_rank=self.lora_rank,
+            lora_max_error=self.lora_max_error,
+            min_agents=self.min_agents,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RAMConfig:

@@ -24,20 +24,25 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ram_trl.distributed import Ranks, is_sharded
 from ram_trl.errors import InputError
+from ram_trl.evaluation import TrainerContext
 from ram_trl.lora import density_warning, is_peft_model, root_module
 from ram_trl.merging.engine import parse_dtype
 from ram_trl.merging.report import MergeReport
 from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
 from ram_trl.training.config import RAMConfig
-from ram_trl.training.jobs import BackgroundMerge, latest_snapshots, merge_snapshots
+from ram_trl.training.jobs import BackgroundMerge, MergeOutcome, merge_store
+from ram_trl.training.scoring import Scorer, timed
 from ram_trl.training.weights import base_rename, cast_stream, iter_state, policy_of
+
+if TYPE_CHECKING:
+    from ram_trl.snapshot.merged import MergedEntry
 
 
 def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -53,7 +58,7 @@ def _open_store(root: str) -> Any:
     from ram_trl.snapshot import SnapshotStore
 
     try:
-        store = SnapshotStore(root)
+        store = SnapshotStore(Path(root).absolute())  # reports and cards then name absolute paths
         probe = Path(root) / "agents" / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
@@ -107,6 +112,7 @@ class AgentRun:
         tokenizer: Any | None = None,
         ranks: Ranks | None = None,
         device: torch.device | str | None = None,
+        context: TrainerContext | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer = model, as_config(config), tokenizer
         self.ranks = ranks if ranks is not None else Ranks.from_torch()
@@ -123,6 +129,23 @@ class AgentRun:
         self._dtype = parse_dtype(self.config.snapshot_dtype)
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
+        self._coalesce = False  # snapshots arrived while a background merge ran
+        self._logged_entry: str | None = None  # the merged entry last logged / evaluated
+        self._evaluated: str | None = None
+        self._step: int | None = None  # the loop's step at the last call
+        self.completions: list[dict[str, Any]] = []  # eval_log_completions rows not yet taken
+        cfg, self.context = self.config, context or TrainerContext()
+        self.scorer = (
+            Scorer(
+                cfg.eval_tasks,
+                cfg.generation_for(self.context.generation),
+                self.context,
+                tokenizer=tokenizer,
+                cache=self.store.root / "eval",
+            )
+            if cfg.eval_tasks
+            else None
+        )
         self._base_rewards: dict[str, float] | None = None
         self._warned = False
         self._touched_fraction = 0.0
@@ -226,25 +249,55 @@ class AgentRun:
         return logs
 
     def snapshot_and_merge(self, step: int) -> dict[str, float]:
-        """Snapshot as ``step``, then merge when ``merge_every`` says one is due."""
+        """Snapshot as ``step``, then merge when ``merge="self"`` and ``merge_every`` say one is
+        due (a background merge still running makes the next one take the newest snapshots as
+        soon as it ends, instead)."""
         logs = self._snapshot(step)
+        self._step = step
         every = self.config.merge_every
-        if self.is_main and every and self._snapshots % every == 0:
+        if self.is_main and self._merges_here and every and self._snapshots % every == 0:
             logs.update(self._merge(step))
+        elif self.is_main and not self._merges_here and self.config.eval_every_steps is None:
+            latest = self.store.merged.latest()  # a watcher's merge: evaluated when it is new
+            if latest is not None and latest.name != self._evaluated:
+                logs.update(self._evaluate(latest))
         self.ranks.barrier()
         return logs
 
-    def poll(self) -> dict[str, float]:
-        """The metrics of a background merge that has finished since, else ``{}`` (no wait)."""
+    def poll(self, step: int | None = None) -> dict[str, float]:
+        """The metrics of a background merge that has finished since, else ``{}`` (no wait);
+        ``step`` is the loop's current step (for ``ram/merge_lag_steps``)."""
+        self._step = self._step if step is None else step
         if self._background is not None and self.is_main and self._background.done():
-            return self._finish_background()
+            return self._finish_background(step, restart=True)
         return {}
 
-    def close(self) -> dict[str, float]:
-        """Wait for a background merge still running; its metrics."""
-        if self._background is not None and self.is_main:
-            return self._finish_background()
-        return {}
+    def close(self, step: int | None = None) -> dict[str, float]:
+        """At train end: wait for a background merge still running, then (``merge="self"``)
+        make sure the newest snapshot of every agent is merged (reusing an entry of that state
+        made by any job); the metrics."""
+        logs: dict[str, float] = {}
+        self._step = step = self.last_step if step is None else step
+        if self.is_main:
+            if self._background is not None:
+                logs.update(self._finish_background(step, restart=False))
+            if self._merges_here and self.config.merge_every:
+                outcome = merge_store(
+                    self.store,
+                    self._base(),
+                    self.config.merge_settings,
+                    keep_last_merged=self.config.keep_last_merged,
+                )
+                if outcome is not None and outcome.entry.name != self._logged_entry:
+                    logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
+            latest = self.store.merged.latest()
+            if latest is not None and latest.name != self._evaluated:
+                logs.update(self._evaluate(latest))  # the final generalist
+        return logs
+
+    @property
+    def _merges_here(self) -> bool:
+        return self.config.merge == "self"
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -267,8 +320,9 @@ class AgentRun:
             return {}
         assert path is not None
         logs = self._snapshot_logs(path, seconds)
-        if self.config.keep_last is not None:
-            self.store.prune(self.config.agent, self.config.keep_last)
+        keep = self.config.keep_last  # prune reads every entry: only when there is one too many
+        if keep is not None and len(self.store.steps(self.config.agent)) > keep:
+            self.store.prune(self.config.agent, keep)
         return logs
 
     def _snapshot_logs(self, path: Path, seconds: float) -> dict[str, float]:
@@ -291,35 +345,68 @@ class AgentRun:
             logs["ram/lora_changed_fraction"] = self._touched_fraction
         return logs
 
+    def _base(self) -> Path:
+        if self.base_dir is None:
+            raise RuntimeError("AgentRun.start() has not run")
+        return self.base_dir
+
     def _merge(self, step: int) -> dict[str, float]:
-        snapshots = latest_snapshots(self.store)
-        if len(snapshots) < self.config.min_agents:
-            return {}
-        out = self.store.merged_dir(self.config.merged_model_name(step))
-        fallback = self.store.merged_dir(f"{out.name}-{self.config.agent}")
-        if out.exists():  # another agent's job merged at this step number
-            out = fallback
         cfg = self.config
-        job = dict(
-            base=str(self.base_dir),
-            snapshots=snapshots,
-            out=str(out),
-            fallback_out=str(fallback) if fallback != out else None,
-            method=cfg.merge_method,
-            params=dict(cfg.merge_params),
-            dtype=cfg.merge_dtype,
-            output=cfg.merge_output,
-            lora_rank=cfg.lora_rank,
+        if not cfg.merge_background:  # a state another job is merging right now is its to make
+            outcome = merge_store(
+                self.store,
+                self._base(),
+                cfg.merge_settings,
+                wait=False,
+                keep_last_merged=cfg.keep_last_merged,
+            )
+            return self._outcome_logs(outcome, step, "ram/merge_seconds")
+        if self._background is None:
+            self._start_background(step)
+        else:
+            self._coalesce = True  # merged as soon as the running one ends
+        return {}
+
+    def _start_background(self, step: int | None) -> None:
+        cfg = self.config
+        self._background = BackgroundMerge(
+            self.store.root,
+            self._base(),
+            cfg.merge_settings,
+            keep_last_merged=cfg.keep_last_merged,
+            step=step,
         )
-        if cfg.merge_background:
-            if self._background is None:
-                self._background = BackgroundMerge(job, step)
-            return {}
+
+    def _finish_background(self, step: int | None, *, restart: bool) -> dict[str, float]:
+        assert self._background is not None
+        job, self._background = self._background, None
         started = time.perf_counter()
-        report = merge_snapshots(**job)
-        logs = self._merge_logs(report)
-        logs["ram/merge_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report.out)))
+        outcome = job.result()
+        logs = self._outcome_logs(outcome, step)
+        logs["ram/merge_wait_seconds"] = time.perf_counter() - started
+        if restart and self._coalesce:
+            self._coalesce = False
+            self._start_background(step)
+        return logs
+
+    def _outcome_logs(
+        self, outcome: MergeOutcome | None, step: int | None, seconds_key: str | None = None
+    ) -> dict[str, float]:
+        """Statistics of a merged entry, how stale it is, and its evaluation."""
+        if outcome is None:
+            return {}
+        entry = outcome.entry
+        logs = self._merge_logs(outcome.report())
+        if seconds_key is not None:
+            logs[seconds_key] = outcome.seconds
+        logs["ram/merge_sequence"] = float(entry.sequence)
+        logs["ram/merge_reused"] = float(not outcome.made)
+        own = entry.steps.get(self.config.agent)
+        if own is not None and step is not None:
+            logs["ram/merge_lag_steps"] = float(step - own)
+        self._logged_entry = entry.name
+        if self.config.eval_every_steps is None:  # else on its own cadence
+            logs.update(self._evaluate(entry))
         return logs
 
     def _merge_logs(self, report: MergeReport) -> dict[str, float]:
@@ -347,49 +434,54 @@ class AgentRun:
             logs["ram/lora_error"] = report.lora.error
         return logs
 
-    def _finish_background(self) -> dict[str, float]:
-        assert self._background is not None
-        job, self._background = self._background, None
-        started = time.perf_counter()
-        report = job.result()
-        logs = self._merge_logs(report)
-        logs["ram/merge_wait_seconds"] = time.perf_counter() - started
-        logs.update(self._evaluate(Path(report.out)))
-        return logs
-
     # -- evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, merged: Path) -> dict[str, float]:
-        from ram_trl.evaluation import evaluate, load_model
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Evaluate the store's newest merged model, the agent and (once per store) the base
+        now, as ``eval_every_steps`` asks; every rank calls it."""
+        self._step = self._step if step is None else step
+        logs = self._evaluate(self.store.merged.latest()) if self.is_main else {}
+        self.ranks.barrier()
+        return logs
 
-        cfg = self.config
-        if not cfg.eval_tasks:
+    def _evaluate(self, entry: MergedEntry | None) -> dict[str, float]:
+        if self.scorer is None:
             return {}
-        assert self.base_dir is not None
-        started = time.perf_counter()
-        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a processor wraps one
+        return timed(lambda: self._scores(entry))
+
+    def _scores(self, entry: MergedEntry | None) -> dict[str, float]:
+        cfg, scorer, base = self.config, self.scorer, self._base()
+        assert scorer is not None
         device = torch.device("cpu") if cfg.eval_device == "cpu" else self._train_device()
         logs: dict[str, float] = {}
-
-        def run(prefix: str, model: nn.Module) -> dict[str, float]:
-            out = {}
-            for task in cfg.eval_tasks:
-                for key, value in evaluate(model, tokenizer, task, cfg.generation).items():
-                    out[f"{prefix}/{task.name}/{key}"] = value
-            return out
-
-        model = load_model(merged, self.base_dir, device, lora=cfg.merge_output == "lora")
-        logs.update(run("eval_merged", model))
-        del model
+        if entry is not None:
+            logs.update(scorer.merged(entry.path, base, device, lora=entry.is_adapter))
+            logs["ram/eval_merge_sequence"] = float(entry.sequence)
+            self._evaluated = entry.name
+            if cfg.eval_log_completions:
+                self._log_completions(entry)
         if cfg.eval_agent:
-            logs.update(run("eval_agent", self._agent_model(device)))
+            logs.update(scorer.score("eval_agent", self._agent_model(device)))
         if cfg.eval_base:
             if self._base_rewards is None:
-                base = load_model(self.base_dir, self.base_dir, device, lora=False)
-                self._base_rewards = run("eval_base", base)
+                self._base_rewards = scorer.base(base, device)
             logs.update(self._base_rewards)
-        logs["ram/eval_seconds"] = time.perf_counter() - started
         return logs
+
+    def _log_completions(self, entry: MergedEntry) -> None:
+        """The merged model's completions, as rows: kept for the caller (``completions``: the
+        callback logs them as a table) and appended to the store's
+        ``eval/completions-<agent>.jsonl``."""
+        import json
+
+        assert self.scorer is not None
+        step, merged = self._step, entry.name
+        rows = [{"step": step, "merged": merged, **row} for row in self.scorer.last_table]
+        self.completions.extend(rows)
+        path = self.store.root / "eval" / f"completions-{self.config.agent}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
 
     def _train_device(self) -> torch.device:
         if self.device is not None:
