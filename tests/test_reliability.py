@@ -530,6 +530,19 @@ def test_probe_out_onto_a_file_is_one_line(tmp_path, tiny) -> None:
     assert target.read_text() == "mine"
 
 
+def test_output_under_a_file_is_one_line(tmp_path, tiny) -> None:
+    """Item 5 (found beside the issue's list): an ``--out`` whose parent is a file is a
+    FileExistsError traceback from mkdir today (merge, snapshot --out/--store, probe alike).
+    Expected: exit 2, one line naming the path; the file untouched."""
+    base, agents = tiny
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    out = blocker / "merged"
+    result = run_cli("merge", "--base", base, *agent_args(agents), "--out", out, "-q")
+    assert_clean_error(result, blocker)
+    assert blocker.read_text() == "mine"
+
+
 @pytest.fixture
 def read_only_store(tmp_path, tiny):
     """A store with steps 0 and 1 of agent 'a' and step 0 of 'b', made read-only."""
