@@ -69,6 +69,17 @@ def run_cli(
     return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
+def agent_args(agents: dict[str, Path]) -> list[str]:
+    """``--agent NAME=PATH`` for every agent."""
+    return [arg for name, path in agents.items() for arg in ("--agent", f"{name}={path}")]
+
+
+def snapshot_args(base, model, store, agent: str, step: int = 0) -> list:
+    """``snapshot --base B --model M --store S --agent A --step N``."""
+    return ["snapshot", "--base", base, "--model", model, "--store", store, "--agent", agent,
+            "--step", str(step)]  # fmt: skip
+
+
 def start_ram_trl(*args: str | os.PathLike, cwd: str | os.PathLike | None = None):
     """Start ``ram-trl ARGS`` in the background (stdout/stderr to pipes)."""
     return subprocess.Popen(
@@ -110,6 +121,36 @@ def assert_names_any(line: str, *words: str, keys: Sequence[str] = ()) -> None:
 
 def warning_lines(result: Result) -> list[str]:
     return [line for line in result.stderr.splitlines() if "warn" in line.lower()]
+
+
+# --- readers of a store that writers are changing ------------------------------------------
+
+
+def strict_reads(store, agents: Sequence[str]) -> tuple[dict, list[str]]:
+    """What a reader racing writers must always get: ``latest`` of every agent returns an entry,
+    without exception or warning, and ``list`` shows no corrupt row (none is corrupt). Returns
+    ``({agent: ref}, problems)``."""
+    import warnings
+
+    refs, problems = {}, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for agent in agents:
+            try:
+                refs[agent] = store.latest(agent)
+            except Exception as e:
+                problems.append(f"latest({agent!r}) raised {e!r}")
+                continue
+            if refs[agent] is None:
+                problems.append(f"latest({agent!r}) returned None")
+                del refs[agent]
+        try:
+            problems += [f"list() showed {r.path} as corrupt: {r.error}" for r in store.list()
+                         if not r.valid]  # fmt: skip
+        except Exception as e:
+            problems.append(f"list() raised {e!r}")
+    problems += [f"warning: {w.message}" for w in caught]
+    return refs, problems
 
 
 # --- the file system ------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import multiprocessing as mp
 import shutil
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from faults_helpers import (
+    agent_args,
     assert_clean_error,
     assert_names_any,
     assert_store_unbound,
@@ -35,9 +35,11 @@ from faults_helpers import (
     resume,
     run_cli,
     small_tmpfs,
+    snapshot_args,
     start_ram_trl,
     stop_when,
     strerror_words,
+    strict_reads,
     writing_into,
 )
 from safetensors.torch import load_file
@@ -78,25 +80,34 @@ def big_store(big_store_template, tmp_path) -> Path:
     return Path(shutil.copytree(big_store_template, tmp_path / "store"))
 
 
-def agent_args(agents: dict[str, Path]) -> list[str]:
-    return [arg for name, path in agents.items() for arg in ("--agent", f"{name}={path}")]
-
-
 def stop_mid_write(
-    args: list, folder: Path, reset: Callable[[], None], *, suffix: str = "", tries: int = 3
+    args: list,
+    out: Path,
+    *,
+    folder: Path | None = None,
+    reset: Callable[[], None] | None = None,
+    tries: int = 3,
 ):
-    """Start ``ram-trl ARGS`` and SIGSTOP it while it writes its temporary folder in ``folder``.
-    Returns (process, the hidden entries it created). A run that finished before it could be
-    caught is undone with ``reset`` and tried again."""
+    """Start ``ram-trl ARGS`` and SIGSTOP it while it writes its temporary for ``out`` in
+    ``folder`` (default: out's parent). Returns (process, the hidden entries it created). A run
+    that finished before it could be caught is undone (``reset``, default: delete ``out``) and
+    tried again."""
+    folder = out.parent if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
     for _ in range(tries):
         before = hidden_entries(folder)
         proc = start_ram_trl(*args)
-        if stop_when(proc, writing_into(folder, before, suffix)):
+        if stop_when(proc, writing_into(folder, before)):
             return proc, hidden_entries(folder) - before
-        out, err = proc.communicate(timeout=120)
+        out_text, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{args} failed before it could be interrupted:\n{err}"
-        reset()
+        reset() if reset is not None else shutil.rmtree(out)
     pytest.fail(f"ram-trl {args[0]} finished every time before it could be interrupted")
+
+
+def merge_args(big, out: Path) -> list:
+    base, agents = big
+    return ["merge", "--base", base, *agent_args(agents), "--out", out, "-q"]
 
 
 def assert_loads(folder: Path) -> None:
@@ -113,19 +124,17 @@ def test_sigkill_mid_merge_is_reaped_by_the_next_run(tmp_path, big) -> None:
     """Item 6: a killed ``ram-trl merge`` leaves its hidden temporary folder (265 MB at 0.2B)
     forever today. Expected: no output appears; the next merge into the same place succeeds and
     removes the dead process's temporary."""
-    base, agents = big
-    parent = tmp_path / "runs"
-    parent.mkdir()
-    out = parent / "merged"
-    args = ["merge", "--base", base, *agent_args(agents), "--out", out, "-q"]
-    proc, stale = stop_mid_write(args, parent, lambda: shutil.rmtree(out))
+    out = tmp_path / "runs" / "merged"
+    args = merge_args(big, out)
+    proc, stale = stop_mid_write(args, out)
     kill(proc)
     assert not out.exists(), "a killed merge published a partial output"
     assert stale, "the killed merge left no temporary: nothing to test"
     again = run_cli(*args)
     assert again.rc == 0, again
     assert_loads(out)
-    assert hidden_entries(parent) == set(), f"stale temporaries left: {hidden_entries(parent)}"
+    left = hidden_entries(out.parent)
+    assert left == set(), f"stale temporaries left: {left}"
 
 
 def test_sigkill_mid_store_merge_is_removed_by_store_clean(big_store) -> None:
@@ -134,8 +143,7 @@ def test_sigkill_mid_store_merge_is_removed_by_store_clean(big_store) -> None:
     store lists its entries as before."""
     merged = big_store / "merged"
     out = merged / "m"
-    args = ["merge", "--store", big_store, "--out", out, "-q"]
-    proc, stale = stop_mid_write(args, merged, lambda: shutil.rmtree(out))
+    proc, stale = stop_mid_write(["merge", "--store", big_store, "--out", out, "-q"], out)
     kill(proc)
     assert not out.exists() and stale
     cleaned = run_cli("store", "clean", big_store)
@@ -151,23 +159,12 @@ def test_live_merge_temporary_is_never_touched(
     """Item 6, the other side: reaping must never touch a temporary that a live process is
     writing. A merge is stopped mid-write; another merge into the same folder runs meanwhile.
     Expected: the stopped merge's temporary survives, and once resumed it completes (exit 0)."""
-    base, agents = big
     parent = tmp_path / "runs"
-    parent.mkdir()
     first = parent / "first"
-    args = ["merge", "--base", base, *agent_args(agents), "--out", first, "-q"]
-    proc, live = stop_mid_write(args, parent, lambda: shutil.rmtree(first))
+    proc, live = stop_mid_write(merge_args(big, first), first)
     try:
         tiny = tiny_base_factory()
-        other = run_cli(
-            "merge",
-            "--base",
-            tiny,
-            *agent_args(tiny_agents_factory(tiny)),
-            "--out",
-            parent / "second",
-            "-q",
-        )
+        other = run_cli(*merge_args((tiny, tiny_agents_factory(tiny)), parent / "second"))
         assert other.rc == 0, other
         assert live <= hidden_entries(parent), "the live merge's temporary was removed"
     finally:
@@ -182,8 +179,7 @@ def test_live_store_merge_survives_store_clean(big_store) -> None:
     temporary alone. Expected: the merge, resumed, completes (exit 0)."""
     merged = big_store / "merged"
     out = merged / "m"
-    args = ["merge", "--store", big_store, "--out", out, "-q"]
-    proc, live = stop_mid_write(args, merged, lambda: shutil.rmtree(out))
+    proc, live = stop_mid_write(["merge", "--store", big_store, "--out", out, "-q"], out)
     try:
         cleaned = run_cli("store", "clean", big_store)
         assert cleaned.rc == 0, cleaned
@@ -205,21 +201,10 @@ def test_sigkill_mid_snapshot_into_a_store(big_store, big) -> None:
     temporary, and the same step can then be written."""
     base, agents = big
     folder = big_store / "agents" / "d"
-    args = [
-        "snapshot",
-        "--base",
-        base,
-        "--model",
-        agents["d"],
-        "--store",
-        big_store,
-        "--agent",
-        "d",
-        "--step",
-        "1",
-    ]
+    args = snapshot_args(base, agents["d"], big_store, "d", 1)
     store = SnapshotStore(big_store, create=False)
-    proc, stale = stop_mid_write(args, folder, lambda: store.remove("d", 1))
+    entry = store.path("d", 1)
+    proc, stale = stop_mid_write(args, entry, folder=folder, reset=lambda: store.remove("d", 1))
     kill(proc)
     assert stale
     assert store.steps("d") == [0] and all(i.valid for i in store.list())
@@ -235,16 +220,15 @@ def test_sigkill_mid_snapshot_out_is_reaped_by_the_next_run(tmp_path, big) -> No
     forever today. Expected: no partial DIR; the next snapshot into DIR succeeds and removes the
     dead process's temporary."""
     base, agents = big
-    parent = tmp_path / "snapshots"
-    parent.mkdir()
-    out = parent / "d"
+    out = tmp_path / "snapshots" / "d"
     args = ["snapshot", "--base", base, "--model", agents["d"], "--out", out]
-    proc, stale = stop_mid_write(args, parent, lambda: shutil.rmtree(out))
+    proc, stale = stop_mid_write(args, out)
     kill(proc)
     assert not out.exists() and stale
     again = run_cli("snapshot", "--base", base, "--model", agents["a"], "--out", out)
     assert again.rc == 0, again
-    assert hidden_entries(parent) == set(), f"stale temporaries left: {hidden_entries(parent)}"
+    left = hidden_entries(out.parent)
+    assert left == set(), f"stale temporaries left: {left}"
 
 
 # =============================================================================================
@@ -297,20 +281,7 @@ def test_disk_full_during_snapshot(full_disk, dense_tiny) -> None:
     disk, limit, code = full_disk
     base, agent = dense_tiny
     root = disk / "store"
-    result = run_cli(
-        "snapshot",
-        "--base",
-        base,
-        "--model",
-        agent,
-        "--store",
-        root,
-        "--agent",
-        "d",
-        "--step",
-        "0",
-        preexec_fn=limit,
-    )
+    result = run_cli(*snapshot_args(base, agent, root, "d", 0), preexec_fn=limit)
     line = assert_clean_error(result, root)
     assert_names_any(line, *strerror_words(code))
     assert leftovers(disk) == []
@@ -369,31 +340,17 @@ def _reader(root: str, index: int, base: str, expected: dict, out: str, stop, re
     try:
         store = SnapshotStore(root, create=False)
         while not stop.is_set():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for agent in AGENTS:
-                    try:
-                        ref = store.latest(agent)
-                    except Exception as e:
-                        problems.append(f"latest({agent!r}) raised {e!r}")
-                        continue
-                    if ref is None:
-                        problems.append(f"latest({agent!r}) returned None")
-                        continue
-                    try:
-                        with ref.open(base) as source:
-                            model = int(source.manifest.metrics["model"])
-                            if not torch.equal(source.read(TENSOR), expected[model]):
-                                problems.append(f"{ref.path} holds other data than its tag")
-                        counts["reads"] += 1
-                    except InputError:
-                        counts["gone"] += 1
+            refs, found = strict_reads(store, AGENTS)
+            problems += found
+            for ref in refs.values():
                 try:
-                    bad = [f"{r.path}: {r.error}" for r in store.list() if not r.valid]
-                except Exception as e:
-                    bad = [f"list() raised {e!r}"]
-                problems += [f"list() showed a corrupt entry {b}" for b in bad]
-            problems += [f"warning: {w.message}" for w in caught]
+                    with ref.open(base) as source:
+                        model = int(source.manifest.metrics["model"])
+                        if not torch.equal(source.read(TENSOR), expected[model]):
+                            problems.append(f"{ref.path} holds other data than its tag")
+                    counts["reads"] += 1
+                except InputError:
+                    counts["gone"] += 1
             if index == 0:
                 merged = str(Path(out) / f"m{counts['merges']}")
                 agents = ["solo0", "dup"]

@@ -19,13 +19,13 @@ import shutil
 import struct
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from faults_helpers import (
+    agent_args,
     assert_clean_error,
     assert_names_any,
     assert_store_unbound,
@@ -34,6 +34,8 @@ from faults_helpers import (
     names_key,
     read_only,
     run_cli,
+    snapshot_args,
+    strict_reads,
     tree,
     warning_lines,
 )
@@ -61,10 +63,6 @@ def work(tmp_path: Path, tiny) -> tuple[Path, dict[str, Path]]:
     base, agents = tiny
     copies = {n: copy_model(p, tmp_path / "agents" / n) for n, p in agents.items()}
     return copy_model(base, tmp_path / "base"), copies
-
-
-def agent_args(agents: dict[str, Path]) -> list[str]:
-    return [arg for name, path in agents.items() for arg in ("--agent", f"{name}={path}")]
 
 
 def edited_model(
@@ -457,19 +455,7 @@ def test_failed_snapshot_does_not_bind_a_new_store(tmp_path, tiny, tiny_base_fac
     base, agents = tiny
     wrong_base = tiny_base_factory(arch="llama")
     root = tmp_path / "store"
-    failed = run_cli(
-        "snapshot",
-        "--base",
-        wrong_base,
-        "--model",
-        tmp_path / "missing",
-        "--store",
-        root,
-        "--agent",
-        "a",
-        "--step",
-        "0",
-    )
+    failed = run_cli(*snapshot_args(wrong_base, tmp_path / "missing", root, "a", 0))
     assert_clean_error(failed, tmp_path / "missing")
     assert_store_unbound(root)
     store = SnapshotStore(root)  # the correct snapshot, as `ram-trl snapshot` writes it
@@ -482,19 +468,7 @@ def test_snapshot_with_bad_agent_name_does_not_create_a_store(tmp_path, tiny) ->
     exit 2 naming the name; no store bound (or none at all)."""
     base, agents = tiny
     root = tmp_path / "store"
-    result = run_cli(
-        "snapshot",
-        "--base",
-        base,
-        "--model",
-        agents["a"],
-        "--store",
-        root,
-        "--agent",
-        "bad/name",
-        "--step",
-        "0",
-    )
+    result = run_cli(*snapshot_args(base, agents["a"], root, "bad/name", 0))
     assert_clean_error(result, "bad/name")
     assert_store_unbound(root)
 
@@ -560,19 +534,7 @@ def test_snapshot_into_read_only_store_is_one_line(tmp_path, tiny, read_only_sto
     store lock) today. Expected: exit 2, one line naming the store and "read-only"."""
     base, agents = tiny
     store, cause = read_only_store
-    result = run_cli(
-        "snapshot",
-        "--base",
-        base,
-        "--model",
-        agents["b"],
-        "--store",
-        store.root,
-        "--agent",
-        "b",
-        "--step",
-        "5",
-    )
+    result = run_cli(*snapshot_args(base, agents["b"], store.root, "b", 5))
     assert_clean_error(result, store.root, cause)
 
 
@@ -725,20 +687,7 @@ def test_latest_and_merge_survive_replace_and_prune(tmp_path, tiny) -> None:
     try:
         deadline, merges = time.monotonic() + 2.0, 0
         while time.monotonic() < deadline:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for agent in ("a", "b"):
-                    try:
-                        if store.latest(agent) is None:
-                            problems.append(f"latest({agent!r}) returned None")
-                    except Exception as e:
-                        problems.append(f"latest({agent!r}) raised {e!r}")
-                try:
-                    bad = [f"{r.path}: {r.error}" for r in store.list() if not r.valid]
-                except Exception as e:
-                    bad = [f"list() raised {e!r}"]
-                problems += [f"list() showed a corrupt entry {b}" for b in bad]
-            problems += [f"warning: {w.message}" for w in caught]
+            problems += strict_reads(store, ("a", "b"))[1]
             out = str(tmp_path / "merged" / f"m{merges}")
             config = ram_trl.MergeConfig(base=None, agents=[], store=str(store.root), out=out)
             try:
@@ -886,19 +835,7 @@ def test_existing_step_error_names_the_cli_flag(tmp_path, tiny) -> None:
     ``--replace``, the flag this user can pass."""
     base, agents = tiny
     store = make_store(tmp_path / "store", base, {"a": agents["a"]})
-    result = run_cli(
-        "snapshot",
-        "--base",
-        base,
-        "--model",
-        agents["a"],
-        "--store",
-        store.root,
-        "--agent",
-        "a",
-        "--step",
-        "0",
-    )
+    result = run_cli(*snapshot_args(base, agents["a"], store.root, "a", 0))
     line = assert_clean_error(result, "--replace")
     assert "replace=True" not in line
 
