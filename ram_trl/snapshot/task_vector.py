@@ -268,7 +268,11 @@ def _write(
     for name, info in base.tensors.items():
         keys += [(indices_key(name), 1), (values_key(name), 1), (name, len(info.shape))]
     writer = ShardedWriter.appending(
-        directory, keys, max_shard_bytes=parse_size(max_shard_size), basename=BASENAME
+        directory,
+        keys,
+        max_shard_bytes=parse_size(max_shard_size),
+        basename=BASENAME,
+        checksums=True,
     )
     entries: dict[str, TensorEntry] = {}
     shards: dict[str, int] = {}  # tensor -> the shard holding its data, named once all are written
@@ -289,7 +293,7 @@ def _write(
     entries = {
         n: replace(e, file=files[shards[n]]) if n in shards else e for n, e in entries.items()
     }
-    manifest = replace(meta, tensors=entries, files=files)
+    manifest = replace(meta, tensors=entries, files=files, checksums=writer.checksums())
     manifest.write(directory)
     fsync_path(directory)
     return manifest
