@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "merge": "ram_trl.merging.engine",
-    "probe": "ram_trl.probe",
+    "probe": "ram_trl.probing",
     "MergeConfig": "ram_trl.merging.config",
     "RAMError": "ram_trl.errors",
     "InputError": "ram_trl.errors",
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
     from ram_trl.merging.config import MergeConfig
     from ram_trl.merging.engine import merge
-    from ram_trl.probe import probe
+    from ram_trl.probing import probe
     from ram_trl.training.config import RAMConfig
     from ram_trl.training.run import AgentRun
 

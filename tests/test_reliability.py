@@ -70,7 +70,9 @@ def edited_model(
 ) -> Path:
     """A copy of model folder ``src`` at ``dst`` whose tensors went through ``edit`` (and a cast
     to ``dtype``, recorded in config.json as ``save_pretrained`` does)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    # not the source's fingerprint cache either: it describes other weights, and is hidden
+    ignore = shutil.ignore_patterns("*.safetensors", "*.index.json", ".ram_trl_fingerprint.json")
+    shutil.copytree(src, dst, ignore=ignore)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(file))

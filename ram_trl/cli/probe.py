@@ -23,7 +23,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
     from ram_trl.errors import InputError
     from ram_trl.merging.inputs import check_output_disjoint, input_paths
-    from ram_trl.probe import probe, save_plot
+    from ram_trl.probing import probe, save_plot
 
     if not args.base:
         raise InputError("--base is required")

@@ -19,6 +19,7 @@ from ram_trl.errors import InputError
 from ram_trl.io import read_rows
 from ram_trl.io import row_chunks as _row_chunks
 from ram_trl.merging.inputs import MergeInputs
+from ram_trl.methods.base import compared_base
 
 #: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
 CHUNK_ELEMENTS = 1 << 22
@@ -102,6 +103,13 @@ def read_chunk(
     deltas = torch.empty((len(agents), base32.numel()), dtype=torch.float32, device=device)
     for row, values in enumerate(agents):
         torch.sub(values.to(device), base32, out=deltas[row])  # widens on the fly
+        if values.dtype == base.dtype:
+            continue
+        picked = base if index is None else base[index]
+        reference = compared_base(picked, values.dtype)
+        if reference is not picked:  # a narrower agent: rounding the base is no change
+            same = _bits(values) == _bits(reference)
+            deltas[row].masked_fill_(same.to(device), 0.0)
     # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
     # makes the sum non-finite (finite weights cannot overflow it), and only then do we look closer.
     # Outside ``index`` agents equal the base bit for bit, so checking the base covers them.
@@ -120,14 +128,20 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
     view = _BIT_VIEWS.get(base.dtype.itemsize)
     if view is None or not base.dtype.is_floating_point or base.numel() == 0:
         return None
-    if any(a.dtype != base.dtype for a in agents):
-        return None
-    bits = base.view(view)
-    differs = agents[0].view(view) != bits
-    for agent in agents[1:]:
-        differs |= agent.view(view) != bits
+    differs = None
+    for agent in agents:  # bits of each agent against the base at the agent's precision
+        reference = compared_base(base, agent.dtype)
+        if reference.dtype != agent.dtype or agent.dtype.itemsize not in _BIT_VIEWS:
+            return None
+        changed = _bits(agent) != _bits(reference)
+        differs = changed if differs is None else differs | changed
     index = torch.from_numpy(np.flatnonzero(differs.numpy()))  # ~5x faster than torch.nonzero
     return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """The stored bits of a float tensor as integers of the same width (exact comparisons)."""
+    return values.view(_BIT_VIEWS[values.dtype.itemsize])
 
 
 def finite_bits(values: torch.Tensor) -> bool:

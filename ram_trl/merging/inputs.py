@@ -147,7 +147,29 @@ def open_inputs(
         inputs.close()
         raise
     _warn_same_folders(inputs)
+    for name, source in inputs.agents.items():
+        _warn_narrower(base_source, name, source)
     return inputs
+
+
+def _warn_narrower(base: WeightSource, name: str, agent: WeightSource) -> None:
+    """Say once per agent that it is compared at its own, lower precision (see
+    ``ram_trl.methods.base.compared_base``): its changed fractions are then its real ones."""
+    for tensor, info in base.tensors.items():
+        theirs = agent.tensors[tensor].dtype
+        if theirs.is_floating_point and theirs.itemsize < info.dtype.itemsize:
+            warnings.warn(
+                f"agent {name!r} ({agent.path}) is stored in {_dtype_name(theirs)}, the base in "
+                f"{_dtype_name(info.dtype)} (tensor {tensor!r}): it is compared with the base "
+                f"rounded to {_dtype_name(theirs)}, so rounding is not counted as a change, and "
+                f"the elements it did not change keep the base's {_dtype_name(info.dtype)} values",
+                stacklevel=4,
+            )
+            return
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _warn_same_folders(inputs: MergeInputs) -> None:

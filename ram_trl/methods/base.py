@@ -35,6 +35,20 @@ from ram_trl.validation import check_fields
 CHANGE_EPSILON = 1e-5
 
 
+def compared_base(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base as an agent stored in ``dtype`` is compared with: rounded to ``dtype`` when that
+    is a narrower float (a bf16 checkpoint of a float32 base), else the base itself.
+
+    An agent saved at a lower precision differs from the wider base at almost every element by
+    rounding alone; counted as changes, that noise would be merged into the model. Compared at
+    the precision both share, an element the agent did not change is unchanged, and keeps the
+    base's value bit for bit. One rule for the merge and for snapshots."""
+    narrower = dtype.is_floating_point and base.dtype.is_floating_point
+    if narrower and dtype.itemsize < base.dtype.itemsize:
+        return base.to(dtype)
+    return base
+
+
 @dataclass(frozen=True)
 class ChunkContext:
     """What a rule needs besides the deltas, prepared by its method for one chunk."""
