@@ -14,9 +14,11 @@ flock on its temporary folder's ``.lock`` file while it works: the kernel drops 
 writer dies, which is how :meth:`SnapshotStore.clean` tells an abandoned temporary folder (a
 job killed mid-write) from one still being written.
 
-``replace=True`` swaps an existing entry with two renames under the lock: a reader looking in
-between finds the step missing for a moment, never a partial entry. Deleting (``prune``,
-``remove``) renames the entry to a hidden ``.trash-*`` folder first, for the same reason.
+``replace=True`` swaps an existing entry in one atomic exchange under the lock (Linux
+``renameat2``; elsewhere two renames, between which the step is missing for a moment), never a
+partial entry. Readers that race a writer (``latest``, ``list``, :func:`open_store_agents`)
+look again when an entry changes identity under them, so they see the old entry or the new one.
+Deleting (``prune``, ``remove``) renames the entry to a hidden ``.trash-*`` folder first.
 
 Corrupt entries never break the store: :meth:`~SnapshotStore.list` reports them with their error,
 :meth:`~SnapshotStore.latest` skips them (with a warning) and returns the newest valid snapshot,
@@ -477,8 +479,9 @@ class SnapshotStore:
 
     def clean(self, orphan_age_s: float = 3600.0) -> list[Path]:
         """Delete what killed writers left behind: temporary folders whose writer no longer holds
-        its lock, leftover ``.trash-*`` folders, and temporary folders without a lock file older
-        than ``orphan_age_s``. Safe to run while other jobs write. Returns what was deleted."""
+        its lock (snapshots under ``agents/``, merges under ``merged/``), leftover ``.trash-*``
+        folders, and temporary folders without a lock file older than ``orphan_age_s``. Safe to
+        run while other jobs write. Returns what was deleted."""
         removed = reap_stale(self.root / "merged")  # merges killed mid-write
         for folder in (self.root / "agents").iterdir():
             if not folder.is_dir() or folder.name.startswith("."):
