@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "merge": "ram_trl.merging.engine",
-    "probe": "ram_trl.probe",
+    "probe": "ram_trl.probing",
     "MergeConfig": "ram_trl.merging.config",
     "RAMError": "ram_trl.errors",
     "InputError": "ram_trl.errors",
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ram_trl.merging.config import MergeConfig
     from ram_trl.merging.engine import merge
     from ram_trl.merging.search import Candidate, search
-    from ram_trl.probe import probe
+    from ram_trl.probing import probe
     from ram_trl.training.config import RAMConfig
     from ram_trl.training.run import AgentRun
 
@@ -60,7 +60,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # found once; also wins over a submodule of the same name
-        # (importing ram_trl.probe binds the module to the attribute ``probe``)
+        globals()[name] = value  # imported once
         return value
     raise AttributeError(f"module 'ram_trl' has no attribute {name!r}")

@@ -59,14 +59,29 @@ def keep_freed_memory() -> bool:
     return mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
 
 
+def _one_line_warnings() -> None:
+    """Show library warnings as ``ram-trl: warning: ...`` lines, like the errors: the command's
+    user needs the message, not the module and line that raised it."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"ram-trl: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from ram_trl.errors import RAMError
+    from ram_trl.errors import RAMError, describe_os_error
 
     args = build_parser().parse_args(argv)
     if argv is None:  # the ram-trl process itself, not a caller's
         keep_freed_memory()
+        _one_line_warnings()
     try:
         return args.func(args)
     except RAMError as error:
         print(f"ram-trl: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the environment (a full disk, a vanished folder): not a bug
+        print(f"ram-trl: error: {describe_os_error(error)}", file=sys.stderr)
         return 2

@@ -51,6 +51,11 @@ def add_parser(subparsers: Any) -> None:
     ls.add_argument("store")
     ls.add_argument("--agent", help="only this agent")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ls.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every byte and check it against the manifest's sha256 checksums",
+    )
     ls.set_defaults(func=run_store_ls)
     pr = commands.add_parser("prune", help="keep only the newest valid snapshots of agents")
     pr.add_argument("store")
@@ -105,41 +110,60 @@ def _checkpoint_bytes(folder: Path) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
+    from ram_trl.errors import OutputExistsError
+    from ram_trl.io import ModelFolder, check_name
+    from ram_trl.merging.inputs import check_output_disjoint
     from ram_trl.snapshot.fingerprint import fingerprint_folder
-    from ram_trl.snapshot.store import SnapshotStore
+    from ram_trl.snapshot.store import STORE_FILE, SnapshotStore
     from ram_trl.snapshot.task_vector import snapshot_folders
 
+    # Everything that can be refused is refused before a store is created or touched: a failed
+    # command must not leave a new store behind, let alone one bound to the wrong base.
     metrics = _metrics(args.metric)
     step = args.step if args.step is not None else infer_step(args.model)
-
-    def write(folder: Path) -> None:
-        snapshot_folders(
-            args.base,
-            args.model,
-            folder,
-            epsilon=args.epsilon,
-            agent=args.agent,
-            step=step,
-            metrics=metrics,
-            max_shard_size=args.max_shard_size,
-        )
-
+    if step is not None and step < 0:
+        raise InputError(f"--step must be >= 0, got {step}")
     if args.store:
         if not args.agent:
             raise InputError("--agent NAME is required with --store")
-        store = SnapshotStore(args.store)
-        # refuse a base of another store before the (long) extraction, not after it
-        base = str(Path(args.base).resolve())
-        store.check_base(fingerprint_folder(args.base), f"the base {base}", base)
-        if step is None:
-            steps = store.steps(args.agent)
-            step = steps[-1] + 1 if steps else 0
-        path = store.put(write, args.agent, step, replace=args.replace)
+        check_name(args.agent, "agent")
     else:
         path = Path(args.out)
-        if path.exists() and any(path.iterdir()):
-            raise InputError(f"--out {path} exists and is not empty")
-        write(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise InputError(f"--out {path} exists and is not an empty folder")
+        check_output_disjoint(path, {"the base": args.base, "the fine-tuned model": args.model})
+    with ModelFolder(args.base) as base, ModelFolder(args.model) as model:
+
+        def write(folder: Path) -> None:
+            snapshot_folders(
+                base,
+                model,
+                folder,
+                epsilon=args.epsilon,
+                agent=args.agent,
+                step=step,
+                metrics=metrics,
+                max_shard_size=args.max_shard_size,
+            )
+
+        if args.store:
+            root = Path(args.store)
+            if (root / STORE_FILE).is_file():
+                # refuse a base of another store before the (long) extraction, not after it
+                store = SnapshotStore(root, create=False)
+                where = str(Path(args.base).resolve())
+                store.check_base(fingerprint_folder(base), f"the base {where}", where, record=False)
+            else:
+                store = SnapshotStore(root)  # bound to the base when the entry is published
+            if step is None:
+                steps = store.steps(args.agent)
+                step = steps[-1] + 1 if steps else 0
+            try:
+                path = store.put(write, args.agent, step, replace=args.replace)
+            except OutputExistsError as e:
+                raise OutputExistsError(f"{e}; pass --replace to overwrite it") from None
+        else:
+            write(path)
     _print_summary(path, Path(args.model))
     return 0
 
@@ -164,7 +188,7 @@ def run_store_ls(args: argparse.Namespace) -> int:
     from ram_trl.snapshot.store import SnapshotStore
 
     store = SnapshotStore(args.store, create=False)
-    rows = [i for i in store.list() if args.agent in (None, i.agent)]
+    rows = [i for i in store.list(verify=args.verify) if args.agent in (None, i.agent)]
     merged = store.merged.entries()
     latest = store.merged.latest()
     if args.json:

@@ -153,7 +153,7 @@ def run(config: DemoConfig, *, progress: bool = True) -> Results:
     seconds["merges"] = time.perf_counter() - clock
 
     from ram_trl import probe
-    from ram_trl.probe import save_plot
+    from ram_trl.probing import save_plot
 
     report = probe(base, {t: out / "agents" / t / "final" for t in config.tasks}, progress=False)
     save_plot(report, out / "probe.png")

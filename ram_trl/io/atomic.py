@@ -8,15 +8,26 @@ after, so a published name survives a power cut too.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
+import functools
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from ram_trl.errors import OutputExistsError
+from ram_trl.errors import OutputError, OutputExistsError, RAMError, describe_os_error
+
+#: ``.NAME.tmp-PID-HEX`` (being written), ``.NAME.old-PID-HEX`` (an overwritten output, until the
+#: new one is in place) and ``.NAME.tmp-PID-HEX.lock`` (flock'ed by their writer)
+_TEMPORARY = re.compile(
+    r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<tag>(?P<pid>\d+)-[0-9a-f]{8})(?P<lock>\.lock)?"
+)
 
 
 def fsync_path(path: Path) -> None:
@@ -59,6 +70,139 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return None
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so a
+    reader of ``b`` finds the old entry or the new one, never nothing. Returns False where the
+    system or filesystem cannot, and the caller falls back to two renames."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    old, new = os.fsencode(a), os.fsencode(b)
+    if renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fsdecode(a), None, os.fsdecode(b))
+
+
+def hold_lock_file(path: Path) -> int:
+    """Create ``path`` and hold an exclusive flock on it (close the fd to release it).
+
+    The kernel drops the lock when its holder dies, however it dies: a reaper that can take the
+    lock knows the writer is gone. Retries if a reaper unlinked the file between open and flock.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _writer_is_dead(lock_path: Path, pid: int) -> bool:
+    """Whether the writer of a temporary is gone: its lock file can be flock'ed (or, for a
+    temporary without one, its PID is not alive on this host)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def reap_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``parent`` (those of ``name`` only,
+    when given); never one whose writer is alive. Returns what was removed (or restored).
+
+    A writer killed between the two renames of an overwrite leaves ``final`` missing and the old
+    output hidden as ``.NAME.old-TAG``: that one is renamed back, not deleted. Failures (a
+    read-only folder, a concurrent reaper) are ignored: reaping is best effort.
+    """
+    parent = Path(parent)
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:
+        return []
+    reaped = []
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match["lock"] or (name is not None and match["name"] != name):
+            continue
+        lock_path = parent / f".{match['name']}.tmp-{match['tag']}.lock"
+        if not _writer_is_dead(lock_path, int(match["pid"])):
+            continue
+        path, final = Path(entry.path), parent / match["name"]
+        try:
+            if match["kind"] == "old" and not (final.exists() or final.is_symlink()):
+                os.replace(path, final)  # the overwrite died before publishing: undo it
+            else:
+                remove(path)
+            lock_path.unlink(missing_ok=True)
+        except OSError:
+            continue
+        reaped.append(path)
+    return reaped
+
+
+def _output_error(final: Path, error: OSError) -> OutputError:
+    return OutputError(f"cannot write {final}: {describe_os_error(error)}")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders created, deepest first, so that a failure can
+    remove them again. A file in the way is an OutputError naming it."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if path.is_dir():
+            break
+        if path.exists() or path.is_symlink():
+            raise OutputError(f"cannot create {folder}: {path} exists and is not a folder")
+        missing.append(path)
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+            created.insert(0, path)
+    except OSError as error:
+        _remove_empty(created)
+        raise OutputError(f"cannot create {folder}: {describe_os_error(error)}") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there), or gone
+            return
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final`; publish it there by rename only if the block
@@ -66,16 +210,24 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
 
     At every instant ``final`` is absent, the complete old folder or the complete new one: a crash
     or an exception never leaves a half-written model where a user (or ``from_pretrained``) looks.
-    The temporary folder is a hidden sibling, so the rename stays on one filesystem.
+    The temporary folder is a hidden sibling, so the rename stays on one filesystem. Its writer
+    holds an flock on a sibling ``.lock`` file, so that the next run into the same folder (which
+    calls :func:`reap_stale`) removes the temporaries of killed writers and only those. On any
+    failure the temporary, its lock and the parent folders created for ``final`` are removed;
+    an OSError (full disk, read-only folder) becomes an :class:`OutputError` naming ``final``.
     """
     final = Path(final)
     if (final.exists() or final.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(final.parent)
+    reap_stale(final.parent, final.name)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = final.parent / f".{final.name}.tmp-{tag}"
-    tmp.mkdir()
+    lock_path = final.parent / f".{final.name}.tmp-{tag}.lock"
+    lock = -1
     try:
+        lock = hold_lock_file(lock_path)
+        tmp.mkdir()
         yield tmp
         for path in [*tmp.rglob("*"), tmp]:  # all of it is on disk before it is published
             if path.is_file() or path.is_dir():
@@ -95,9 +247,17 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         else:
             os.replace(tmp, final)
             fsync_path(final.parent)
-    except BaseException:
+    except BaseException as error:
         remove(tmp)
+        lock_path.unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(error, OSError) and not isinstance(error, RAMError):
+            raise _output_error(final, error) from None
         raise
+    finally:
+        lock_path.unlink(missing_ok=True)
+        if lock >= 0:
+            os.close(lock)
 
 
 def _publish_new(tmp: Path, final: Path) -> None:

@@ -19,6 +19,12 @@ def load_yaml(path: str | os.PathLike, what: str = "recipe") -> Any:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not a text (YAML) file") from None
+    except OSError as error:
+        raise InputError(f"{what} {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise InputError(f"{what} {path} is not valid YAML: {error}") from None
 

@@ -14,6 +14,8 @@ Files are written where they are asked to be; publishing a folder atomically is
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -131,6 +133,8 @@ class _Shard:
     file: BinaryIO | None = None
     used: int = 0  # data bytes written
     headed: bool = False  # its header is written (declared tensors: before the data)
+    data_hash: Any = None  # sha256 of the data bytes, fed as they are written (when asked for)
+    header_hash: str | None = None  # sha256 of the 8-byte length and the header
 
 
 class ShardedWriter:
@@ -180,12 +184,16 @@ class ShardedWriter:
         max_shard_bytes: int,
         basename: str,
         index: bool = False,
+        checksums: bool = False,
     ) -> ShardedWriter:
         """A writer of tensors whose sizes are known only as they come, among ``keys`` (name,
         number of dimensions). Each shard keeps :func:`header_bound` bytes for its header; shards
-        are written under temporary names and get their final ones at :meth:`close`."""
+        are written under temporary names and get their final ones at :meth:`close`. With
+        ``checksums``, every byte is hashed as it is written (see :meth:`checksums`), so that a
+        snapshot's manifest can record what a reader must find without reading the files back."""
         writer = cls.__new__(cls)
         writer._setup(directory, None, basename, index=index)
+        writer._hashing = checksums
         writer._room = header_bound(keys)
         writer._max_shard_bytes = max_shard_bytes
         return writer
@@ -212,6 +220,7 @@ class ShardedWriter:
         self._open = -1  # the shard whose file is open (earlier ones are finished)
         self._closed = False
         self._unflushed = 0  # bytes written since the disk last got some to write back
+        self._hashing = False
         self.files: list[Path] = []
 
     def _declare(self, layout: Mapping[str, list[TensorSpec]]) -> None:
@@ -287,7 +296,9 @@ class ShardedWriter:
         if current is None or _opens_new_shard(current.used, size, self._max_shard_bytes):
             self._finish_open()
             part = self.directory / f"{self._basename}-part-{len(self._shards) + 1:05d}.tmp"
-            current = _Shard(part, self._room)
+            current = _Shard(
+                part, self._room, data_hash=hashlib.sha256() if self._hashing else None
+            )
             self._shards.append(current)
             self._open = len(self._shards) - 1
             current.file = open(part, "wb")  # noqa: SIM115 - spans write_group()s
@@ -304,6 +315,8 @@ class ShardedWriter:
         shard = self._shards[self._open]
         assert shard.file is not None
         shard.file.write(data)
+        if shard.data_hash is not None:
+            shard.data_hash.update(data)
         shard.used += data.nbytes
         self._unflushed += data.nbytes
         if self._unflushed >= _WRITEBACK_BYTES:
@@ -325,8 +338,11 @@ class ShardedWriter:
         if shard.file is None:
             return
         if not shard.headed:
+            header = self._header(shard)
             shard.file.seek(0)
-            shard.file.write(self._header(shard))
+            shard.file.write(header)
+            if shard.data_hash is not None:
+                shard.header_hash = hashlib.sha256(header).hexdigest()
         shard.file.flush()
         os.fsync(shard.file.fileno())
         shard.file.close()
@@ -366,6 +382,21 @@ class ShardedWriter:
         self._closed = True
         return self._written()
 
+    def checksums(self) -> dict[str, dict[str, Any]]:
+        """Per file written (by name), once closed: ``size``, ``header_sha256`` (of the first
+        ``8 + header length`` bytes) and ``data_sha256`` (of the rest), hashed while streaming.
+        Two digests, because the header is written last, at the front of the file."""
+        if not self._closed or not self._hashing:
+            raise ValueError("ShardedWriter: checksums need checksums=True and a closed writer")
+        return {
+            s.path.name: {
+                "size": 8 + s.room + s.used,
+                "header_sha256": s.header_hash,
+                "data_sha256": s.data_hash.hexdigest(),
+            }
+            for s in self._shards
+        }
+
     def _write_index(self) -> None:
         weight_map = {spec.name: s.path.name for s in self._shards for spec in s.specs}
         total = sum(spec.nbytes for s in self._shards for spec in s.specs)
@@ -387,7 +418,9 @@ class ShardedWriter:
         """Close the open file, if any, without finishing it."""
         for shard in self._shards:
             if shard.file is not None:
-                shard.file.close()
+                # the buffered rest may fail too (a full disk): the first error is the one
+                with contextlib.suppress(OSError):
+                    shard.file.close()
                 shard.file = None
 
     def __enter__(self) -> ShardedWriter:

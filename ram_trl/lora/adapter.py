@@ -142,13 +142,31 @@ def lora_deltas_from_adapter(
     if (folder / ADAPTER_WEIGHTS_NAME).is_file():
         weights = _LazyTensors(ModelFolder(folder, files=[ADAPTER_WEIGHTS_NAME]))
     elif (folder / ADAPTER_BIN_NAME).is_file():
-        weights = torch.load(folder / ADAPTER_BIN_NAME, map_location="cpu", weights_only=True)
+        weights = _load_bin(folder / ADAPTER_BIN_NAME)
     else:
         raise InputError(f"{folder} has neither {ADAPTER_WEIGHTS_NAME} nor {ADAPTER_BIN_NAME}")
     try:
         return lora_state_deltas(weights, config, base=base, dtype=dtype)
     except InputError as exc:  # name the folder: a job may read several adapters
         raise InputError(f"adapter {folder}: {exc}") from None
+
+
+def _load_bin(path: Path) -> Mapping[str, torch.Tensor]:
+    """A legacy ``adapter_model.bin``, loaded with ``weights_only`` (no code in it ever runs).
+    Anything but plain tensors (a crafted pickle, a truncated file) is an InputError."""
+    import pickle
+
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"{path} is not a plain tensor pickle ({reason}); refusing to load it: convert the "
+            "adapter to safetensors (adapter_model.safetensors)"
+        ) from None
+    if not isinstance(weights, Mapping):
+        raise InputError(f"{path} holds a {type(weights).__name__}, not a state dict of tensors")
+    return weights
 
 
 def _check_keys(keys: list[str]) -> None:

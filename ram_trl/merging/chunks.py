@@ -8,6 +8,7 @@ of them. :class:`TensorView` is one tensor as a merge method's ``prepare_tensor`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ram_trl.errors import InputError
 from ram_trl.io import read_rows
 from ram_trl.io import row_chunks as _row_chunks
 from ram_trl.merging.inputs import MergeInputs
+from ram_trl.methods.base import compared_base
 
 #: elements per input read at once: 16 MiB of float32, so N agents need a few hundred MiB at most
 CHUNK_ELEMENTS = 1 << 22
@@ -25,7 +27,12 @@ CHUNK_ELEMENTS = 1 << 22
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """Where the chunks go and the arithmetic runs; a clear error for a CUDA-less machine."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(
+            f"unknown device {device!r}; use cpu, cuda, cuda:N or another torch device name"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was requested but no CUDA GPU is available here")
     return device
@@ -96,12 +103,19 @@ def read_chunk(
     deltas = torch.empty((len(agents), base32.numel()), dtype=torch.float32, device=device)
     for row, values in enumerate(agents):
         torch.sub(values.to(device), base32, out=deltas[row])  # widens on the fly
+        if values.dtype == base.dtype:
+            continue
+        picked = base if index is None else base[index]
+        reference = compared_base(picked, values.dtype)
+        if reference is not picked:  # a narrower agent: rounding the base is no change
+            same = _bits(values) == _bits(reference)
+            deltas[row].masked_fill_(same.to(device), 0.0)
     # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
     # makes the sum non-finite (finite weights cannot overflow it), and only then do we look closer.
     # Outside ``index`` agents equal the base bit for bit, so checking the base covers them.
     if (name, start) not in inputs.checked:
         if not torch.isfinite(deltas.sum() + base32.sum()) or (
-            index is not None and not _finite_bits(base)
+            index is not None and not finite_bits(base)
         ):
             _report_non_finite(inputs, name, start, stop)
         inputs.checked.add((name, start))
@@ -114,17 +128,23 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
     view = _BIT_VIEWS.get(base.dtype.itemsize)
     if view is None or not base.dtype.is_floating_point or base.numel() == 0:
         return None
-    if any(a.dtype != base.dtype for a in agents):
-        return None
-    bits = base.view(view)
-    differs = agents[0].view(view) != bits
-    for agent in agents[1:]:
-        differs |= agent.view(view) != bits
+    differs = None
+    for agent in agents:  # bits of each agent against the base at the agent's precision
+        reference = compared_base(base, agent.dtype)
+        if reference.dtype != agent.dtype or agent.dtype.itemsize not in _BIT_VIEWS:
+            return None
+        changed = _bits(agent) != _bits(reference)
+        differs = changed if differs is None else differs | changed
     index = torch.from_numpy(np.flatnonzero(differs.numpy()))  # ~5x faster than torch.nonzero
     return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
 
 
-def _finite_bits(values: torch.Tensor) -> bool:
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """The stored bits of a float tensor as integers of the same width (exact comparisons)."""
+    return values.view(_BIT_VIEWS[values.dtype.itemsize])
+
+
+def finite_bits(values: torch.Tensor) -> bool:
     """No NaN or Inf, from the exponent bits alone (no float conversion of the whole chunk)."""
     mantissa = _MANTISSA_BITS.get(values.dtype)
     if mantissa is None:
@@ -143,7 +163,32 @@ def _report_non_finite(inputs: MergeInputs, name: str, start: int, stop: int) ->
         if bad:
             file = getattr(source.tensors[name], "file", source.path)
             raise InputError(f"{who} has {bad} NaN/Inf value(s) in tensor {name!r} (file {file})")
-    raise InputError(f"tensor {name!r}: values too large to merge in float32 (rows {start}-{stop})")
+    chunk = read_chunk_unchecked(inputs, name, start, stop)
+    raise InputError(
+        f"tensor {name!r}: values too large to merge in float32 (rows {start}-{stop}; largest "
+        f"deltas from {largest_agents(inputs, chunk)}): their sum overflows"
+    )
+
+
+def read_chunk_unchecked(inputs: MergeInputs, name: str, start: int, stop: int) -> torch.Tensor:
+    """The agents' float64 deltas ``(N, n)`` of rows ``[start, stop)``, for error messages only
+    (float64: the float32 ones overflowed)."""
+    base = read_rows(inputs.base, name, start, stop).reshape(-1).to(torch.float64)
+    agents = [read_rows(s, name, start, stop).reshape(-1) for s in inputs.agents.values()]
+    return torch.stack([a.to(torch.float64) - base for a in agents])
+
+
+def largest_agents(inputs: MergeInputs, deltas: torch.Tensor, limit: int = 2) -> str:
+    """The agents (name and path) with the largest |delta| among ``deltas`` ``(N, m)``."""
+    if deltas.numel() == 0:
+        return "no agent"
+    peak = deltas.abs().nan_to_num(nan=math.inf).amax(dim=1)
+    order = sorted(range(len(peak)), key=lambda i: -float(peak[i]))[:limit]
+    names = list(inputs.agents)
+    return ", ".join(
+        f"agent {names[i]!r} ({inputs.agents[names[i]].path}, |delta| {float(peak[i]):.3g})"
+        for i in order
+    )
 
 
 def iter_chunks(

@@ -19,6 +19,7 @@ from typing import Any
 
 from ram_trl.errors import InputError
 from ram_trl.io.recipes import load_yaml
+from ram_trl.validation import check_dataclass, check_fields
 
 
 @dataclass
@@ -42,6 +43,15 @@ class MergeConfig:
     lora_rank: int | str = 16
     lora_max_error: float | None = None
 
+    def __post_init__(self) -> None:
+        """Validate at construction, as TRL's configs do: a wrong type (``overwrite: "no"``
+        would be truthy) or a bad method parameter fails here, naming the key, before any
+        model is opened."""
+        from ram_trl.methods import get_method
+
+        check_dataclass(self)
+        get_method(self.method).make_params(self.method_params())
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
         return cls.from_dict(load_yaml(path, "recipe"), source=str(path))
@@ -56,18 +66,23 @@ class MergeConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        check_fields(cls, data, source)
         if data.get("store"):
             agents = data.get("agents") or []
             if not isinstance(agents, list):
                 raise InputError(f"{source}: with 'store', 'agents' lists NAME or NAME@STEP")
-            return cls(**{"base": None, **data, "agents": [str(a) for a in agents]})
-        for required in ("base", "agents"):
-            if not data.get(required):
-                raise InputError(f"{source}: the field {required!r} is required")
-        if not isinstance(data["agents"], dict):
-            raise InputError(f"{source}: 'agents' must map agent names to model folders")
-        data = {**data, "agents": {str(k): str(v) for k, v in data["agents"].items()}}
-        return cls(**data)
+            data = {"base": None, **data, "agents": [str(a) for a in agents]}
+        else:
+            for required in ("base", "agents"):
+                if not data.get(required):
+                    raise InputError(f"{source}: the field {required!r} is required")
+            if not isinstance(data["agents"], dict):
+                raise InputError(f"{source}: 'agents' must map agent names to model folders")
+            data = {**data, "agents": {str(k): str(v) for k, v in data["agents"].items()}}
+        try:
+            return cls(**data)
+        except InputError as e:  # a method parameter: say which recipe it is in
+            raise InputError(f"{source}: {e}") from None
 
     def sources(self) -> tuple[Any, dict[str, Any]]:
         """The base and the agents to merge: model folders, or the store's snapshots."""
@@ -75,14 +90,13 @@ class MergeConfig:
             if self.base is None:
                 raise InputError("no base model given (--base)")
             return self.base, dict(self.agents)
-        from ram_trl.snapshot import SnapshotStore, TaskVectorSource, resolve_store_agents
+        from ram_trl.snapshot import SnapshotStore, open_store_agents
 
         store = SnapshotStore(self.store, create=False)
         base = self.base or store.base_path
         if base is None:
             raise InputError(f"store {self.store} records no base model; pass --base")
-        snapshots = resolve_store_agents(store, list(self.agents))
-        return base, {name: TaskVectorSource(path, base) for name, path in snapshots.items()}
+        return base, open_store_agents(store, list(self.agents), base)
 
     def method_params(self) -> dict[str, Any]:
         """The method's parameters, with ``rho_scope`` folded in where given."""
@@ -94,6 +108,7 @@ class MergeConfig:
     def run(self, *, dry_run: bool = False, progress: bool = True):
         from ram_trl.merging.engine import merge
 
+        check_dataclass(self)  # fields may have been set since construction (the CLI does)
         base, agents = self.sources()
         return merge(
             base,

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,22 @@ from ram_trl.io import (
     parse_size,
     read_rows,
 )
-from ram_trl.merging.chunks import Chunk, TensorView, resolve_device, row_chunks
+from ram_trl.merging.chunks import (
+    Chunk,
+    TensorView,
+    finite_bits,
+    largest_agents,
+    resolve_device,
+    row_chunks,
+)
 from ram_trl.merging.counting import agent_stats, count_overlaps
-from ram_trl.merging.inputs import MergeInputs, is_float_tensor, open_inputs
+from ram_trl.merging.inputs import (
+    MergeInputs,
+    check_output_disjoint,
+    input_paths,
+    is_float_tensor,
+    open_inputs,
+)
 from ram_trl.merging.report import AdapterReport, MergeReport
 from ram_trl.merging.sinks import ModelSink, OutputSink
 from ram_trl.methods import CHANGE_EPSILON, MergeMethod, ModelPlan, get_method
@@ -97,6 +111,8 @@ def merge(
     max_shard_bytes = parse_size(shard_size)
     if out is None and not dry_run:
         raise InputError("no output folder given (--out DIR)")
+    if out is not None and not dry_run:
+        check_output_disjoint(out, input_paths(base, agents))
     if out is not None and not dry_run and Path(out).exists() and not overwrite:
         raise OutputExistsError(
             f"output folder {out} already exists; pass --overwrite to replace it"
@@ -125,6 +141,13 @@ def merge(
         )
         if counts is not None:
             report.seconds["count_pass"] = time.perf_counter() - started
+            for agent in report.agents:
+                if agent.changed == 0:
+                    warnings.warn(
+                        f"agent {agent.name!r} ({inputs.agents[agent.name].path}) changed no "
+                        "element beyond epsilon: is it the base model?",
+                        stacklevel=2,
+                    )
         if dry_run:
             report.seconds["total"] = time.perf_counter() - started
             return report
@@ -193,7 +216,10 @@ def merge_into(
                     continue
                 tensor = TensorView(inputs, name, device)
                 for chunk, ctx in spec.prepare_tensor(params, plan, tensor):
-                    rows = _apply(chunk, spec.rule(chunk.deltas, params, ctx), out.dtype)
+                    merged = spec.rule(chunk.deltas, params, ctx)
+                    rows = _apply(chunk, merged, out.dtype)
+                    if rows is None:
+                        raise _non_finite_result(inputs, spec, params, name, chunk, merged, out)
                     rows = rows.reshape((chunk.stop - chunk.start, *shape[1:]) if shape else ())
                     sink.write(name, rows, chunk.base)
                 bar.update(info.nbytes)
@@ -203,15 +229,49 @@ def merge_into(
         raise
 
 
-def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Base + merged delta in the output dtype. Where the merged delta is exactly zero (and
-    outside the chunk's candidates) the base value is kept bit for bit."""
+    outside the chunk's candidates) the base value is kept bit for bit.
+
+    None if a value written would be NaN or Inf. The inputs are finite (``read_chunk`` checks),
+    so that is an overflow of the method's arithmetic or of the output dtype, and writing it
+    would publish a broken model. The check reads the exponent bits of the values computed
+    (and of the whole chunk when the dtype changes), which costs little next to the merge.
+    """
     values = torch.where(merged != 0, chunk.base32 + merged, chunk.base32).to(dtype).cpu()
+    if not finite_bits(values):
+        return None
     if chunk.index is None:
         return values
     rows = chunk.base.to(dtype, copy=True)
+    if dtype != chunk.base.dtype and not finite_bits(rows):
+        return None
     rows[chunk.index] = values
     return rows
+
+
+def _non_finite_result(
+    inputs: MergeInputs,
+    spec: MergeMethod,
+    params: Any,
+    name: str,
+    chunk: Chunk,
+    merged: torch.Tensor,
+    out: TensorSpec,
+) -> InputError:
+    """The error for a chunk whose result is not finite: the tensor, the rows, the method and
+    its parameters, and the agents whose deltas are largest there (the likely culprits)."""
+    values = chunk.base32 + merged
+    bad = ~torch.isfinite(values.to(out.dtype).float())
+    agents = largest_agents(inputs, chunk.deltas[:, bad.to(chunk.deltas.device)])
+    cause = f"overflows {out.dtype}" if bool(torch.isfinite(values).all()) else "is not finite"
+    shown = dataclasses.asdict(params)
+    return InputError(
+        f"tensor {name!r}, rows {chunk.start}-{chunk.stop}: the {spec.name} result {cause} "
+        f"at {int(bad.sum())} element(s) (too large; parameters {shown}; largest deltas "
+        f"from {agents}); refusing to write non-finite weights: use smaller parameters "
+        "or a wider --dtype"
+    )
 
 
 def _write_metadata(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
@@ -80,6 +82,51 @@ def open_source(source: str | os.PathLike | WeightSource) -> WeightSource:
     return ModelFolder(source) if isinstance(source, (str, os.PathLike)) else source
 
 
+def input_paths(
+    base: str | os.PathLike | WeightSource | None,
+    agents: Mapping[str, str | os.PathLike | WeightSource],
+) -> dict[str, Path]:
+    """Every folder a merge reads, labelled for messages: the base, each agent, and for an agent
+    read from a snapshot both the snapshot and the base it is applied to."""
+    paths: dict[str, Path] = {}
+
+    def add(label: str, source: Any) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            paths[label] = Path(source)
+        elif getattr(source, "path", None) is not None:
+            paths[label] = Path(source.path)
+            inner = getattr(source, "base", None)
+            if inner is not None and getattr(inner, "path", None) is not None:
+                paths.setdefault("the base", Path(inner.path))
+
+    if base is not None:
+        add("the base", base)
+    for name, agent in agents.items():
+        add(f"agent {name!r}", agent)
+    return paths
+
+
+def check_output_disjoint(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of ``inputs`` (label ->
+    folder), before anything is written: publishing it (``--overwrite`` renames the old folder
+    away) would delete or rewrite an input. Symlinks are resolved first."""
+    target = Path(out).resolve()
+    for label, path in inputs.items():
+        theirs = Path(path).resolve()
+        if target == theirs:
+            relation = "is"
+        elif theirs.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(theirs):
+            relation = "lies inside"
+        else:
+            continue
+        raise InputError(
+            f"output {out} {relation} {label} ({path}): an output may not overlap an input; "
+            "choose another output folder"
+        )
+
+
 def open_inputs(
     base: str | os.PathLike | WeightSource,
     agents: Mapping[str, str | os.PathLike | WeightSource],
@@ -99,7 +146,47 @@ def open_inputs(
     except BaseException:
         inputs.close()
         raise
+    _warn_same_folders(inputs)
+    for name, source in inputs.agents.items():
+        _warn_narrower(base_source, name, source)
     return inputs
+
+
+def _warn_narrower(base: WeightSource, name: str, agent: WeightSource) -> None:
+    """Say once per agent that it is compared at its own, lower precision (see
+    ``ram_trl.methods.base.compared_base``): its changed fractions are then its real ones."""
+    for tensor, info in base.tensors.items():
+        theirs = agent.tensors[tensor].dtype
+        if theirs.is_floating_point and theirs.itemsize < info.dtype.itemsize:
+            warnings.warn(
+                f"agent {name!r} ({agent.path}) is stored in {_dtype_name(theirs)}, the base in "
+                f"{_dtype_name(info.dtype)} (tensor {tensor!r}): it is compared with the base "
+                f"rounded to {_dtype_name(theirs)}, so rounding is not counted as a change, and "
+                f"the elements it did not change keep the base's {_dtype_name(info.dtype)} values",
+                stacklevel=4,
+            )
+            return
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _warn_same_folders(inputs: MergeInputs) -> None:
+    """Warn when two agents are one folder (a copy-paste slip that counts it twice)."""
+    seen: dict[tuple[int, int], str] = {}
+    for name, source in inputs.agents.items():
+        try:
+            st = os.stat(source.path)
+        except (OSError, TypeError):
+            continue
+        first = seen.setdefault((st.st_dev, st.st_ino), name)
+        if first != name:
+            warnings.warn(
+                f"agents {first!r} and {name!r} are the same folder ({source.path}): it is "
+                "merged twice, as two agents",
+                stacklevel=3,
+            )
 
 
 def _architecture(config: dict | None) -> tuple[str | None, tuple[str, ...]]:

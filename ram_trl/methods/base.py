@@ -29,9 +29,24 @@ from typing import Any, Protocol
 import torch
 
 from ram_trl.errors import InputError
+from ram_trl.validation import check_fields
 
 #: The paper's change threshold: an element counts as changed iff ``|tau| > 1e-5`` (strict).
 CHANGE_EPSILON = 1e-5
+
+
+def compared_base(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base as an agent stored in ``dtype`` is compared with: rounded to ``dtype`` when that
+    is a narrower float (a bf16 checkpoint of a float32 base), else the base itself.
+
+    An agent saved at a lower precision differs from the wider base at almost every element by
+    rounding alone; counted as changes, that noise would be merged into the model. Compared at
+    the precision both share, an element the agent did not change is unchanged, and keeps the
+    base's value bit for bit. One rule for the merge and for snapshots."""
+    narrower = dtype.is_floating_point and base.dtype.is_floating_point
+    if narrower and dtype.itemsize < base.dtype.itemsize:
+        return base.to(dtype)
+    return base
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,7 @@ class MergeMethod:
                 f"method {self.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
                 f"its parameters are: {', '.join(sorted(known)) or 'none'}"
             )
+        check_fields(self.params, values, f"method {self.name!r}")
         return self.params(**values)
 
     def change_epsilon(self, params: Any) -> float | None:
@@ -192,11 +208,14 @@ def get_method(name: str) -> MergeMethod:
 
 
 def check_range(method: str, name: str, value: float, lo: float, hi: float, *, hi_open=False):
-    """Raise an InputError unless ``lo <= value <= hi`` (or ``< hi`` when ``hi_open``)."""
-    ok = (
-        isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
-    )
-    if not ok:
+    """Raise an InputError unless ``value`` is a finite number (not a bool: YAML's ``yes`` is
+    one) with ``lo <= value <= hi`` (or ``< hi`` when ``hi_open``). An infinite bound is open:
+    ``r=inf`` or ``scale=inf`` would make every merged weight infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{method}: parameter {name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise InputError(f"{method}: parameter {name}={value!r} must be finite")
+    if not (lo <= value and (value < hi if hi_open else value <= hi)):
         upper = f"< {hi}" if hi_open else f"<= {hi}"
         raise InputError(
             f"{method}: parameter {name}={value!r} is out of range ({lo} <= {name} {upper})"

@@ -19,7 +19,13 @@ from __future__ import annotations
 from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_of, fingerprint_state_dict
 from ram_trl.snapshot.format import Manifest, TensorEntry, validate
 from ram_trl.snapshot.source import TaskVectorSource
-from ram_trl.snapshot.store import SnapshotInfo, SnapshotRef, SnapshotStore, resolve_store_agents
+from ram_trl.snapshot.store import (
+    SnapshotInfo,
+    SnapshotRef,
+    SnapshotStore,
+    open_store_agents,
+    resolve_store_agents,
+)
 from ram_trl.snapshot.task_vector import TaskVector, TensorDelta, snapshot_folders
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "fingerprint_folder",
     "fingerprint_of",
     "fingerprint_state_dict",
+    "open_store_agents",
     "resolve_store_agents",
     "snapshot_folders",
     "validate",

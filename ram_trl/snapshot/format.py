@@ -19,6 +19,7 @@ checkpoint.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,8 @@ from ram_trl.io.checkpoint import ModelFolder, TensorInfo, read_header
 from ram_trl.io.encoding import SAFETENSORS_DTYPES, safetensors_code
 
 FORMAT = "ram-trl.task-vector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file checksums; version 1 snapshots (none) are still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LAYOUTS = ("unchanged", "sparse", "dense")
 Layout = Literal["unchanged", "sparse", "dense"]
@@ -115,6 +117,8 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     base_path: str | None = None  # where the base was when the snapshot was taken (a hint)
+    #: per file: size, header_sha256, data_sha256, hashed as the writer streamed them
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -153,6 +157,7 @@ class Manifest:
             "numel": self.numel,
             "nnz": self.nnz,
             "files": self.files,
+            "checksums": self.checksums,
             "tensors": {name: e.to_json() for name, e in self.tensors.items()},
         }
 
@@ -184,10 +189,11 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"not a {FORMAT} manifest")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise InputError(
-                f"format version {version!r} is not supported (this ram-trl reads version "
-                f"{FORMAT_VERSION}); upgrade ram-trl or re-create the snapshot"
+                f"format version {version!r} is not supported (this ram-trl reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade ram-trl or re-create the "
+                "snapshot"
             )
         tensors = {}
         for name, t in data["tensors"].items():
@@ -216,8 +222,19 @@ class Manifest:
             metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
             files=[str(f) for f in data.get("files", [])],
             base_path=data.get("base_path"),
+            checksums=_checksums(data.get("checksums") or {}),
             format_version=version,
         )
+
+
+def _checksums(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, c in data.items():
+        size, header, body = c["size"], c["header_sha256"], c["data_sha256"]
+        if not (isinstance(size, int) and isinstance(header, str) and isinstance(body, str)):
+            raise InputError(f"the checksum of {name} is malformed")
+        out[str(name)] = {"size": size, "header_sha256": header, "data_sha256": body}
+    return out
 
 
 def _check_entry(e: TensorEntry) -> None:
@@ -301,6 +318,14 @@ def validate(directory: str | os.PathLike) -> Manifest:
             headers[name] = read_header(directory / name)
         except InputError as e:
             raise InputError(f"snapshot {directory} is truncated or corrupted: {e}") from None
+        expected = manifest.checksums.get(name)
+        if expected is not None and (directory / name).stat().st_size != expected["size"]:
+            raise InputError(
+                f"snapshot {directory}: file {name} has {(directory / name).stat().st_size} "
+                f"bytes, but its checksum entry says {expected['size']} (truncated or rewritten)"
+            )
+    if manifest.format_version >= 2 and set(manifest.checksums) != set(manifest.files):
+        raise InputError(f"snapshot {directory}: the manifest lacks checksums of some files")
     for e in manifest.tensors.values():
         if e.layout == "unchanged":
             continue
@@ -322,6 +347,39 @@ def validate(directory: str | os.PathLike) -> Manifest:
                 f"{where}: indices out of range (first {first}, last {last}, numel {e.numel})"
             )
     return manifest
+
+
+def verify_checksums(directory: str | os.PathLike, manifest: Manifest) -> None:
+    """Read every byte of the snapshot's files and compare them with the manifest's checksums;
+    an InputError names the file on a mismatch. Values rewritten with the headers left intact
+    pass :func:`validate`, which reads headers only; they fail here. A version-1 snapshot has no
+    checksums and passes."""
+    directory = Path(directory)
+    for name, expected in manifest.checksums.items():
+        path = directory / name
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            f.seek(0)
+            header, data = _sha256(f, 8 + length), _sha256(f)
+        for part, digest in (("header", header), ("data", data)):
+            if digest != expected[f"{part}_sha256"]:
+                raise InputError(
+                    f"snapshot {directory}: file {name} fails its sha256 checksum ({part} "
+                    f"{digest[:12]}..., manifest {expected[f'{part}_sha256'][:12]}...): its "
+                    "content changed after it was written; re-create the snapshot"
+                )
+
+
+def _sha256(file: Any, limit: int | None = None) -> str:
+    """Hex sha256 of the next ``limit`` bytes of ``file`` (all that is left when None)."""
+    digest, left = hashlib.sha256(), limit
+    while left is None or left > 0:
+        block = file.read(1 << 20 if left is None else min(1 << 20, left))
+        if not block:
+            break
+        digest.update(block)
+        left = None if left is None else left - len(block)
+    return digest.hexdigest()
 
 
 def _expect(

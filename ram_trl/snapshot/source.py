@@ -29,6 +29,7 @@ from ram_trl.snapshot.format import (
     snapshot_files,
     validate,
     values_key,
+    verify_checksums,
 )
 
 INDEX_CHUNK = 1 << 23  # sorted indices read at once when locating rows (32 MiB of int32)
@@ -60,6 +61,9 @@ class TaskVectorSource:
         self._release = weakref.finalize(self, os.close, lock_entry(self.path, shared=True))
         try:
             self.manifest = validate(self.path)
+            # every byte once (a sparse snapshot is a small fraction of a checkpoint): values
+            # rewritten behind intact headers must not merge into different weights
+            verify_checksums(self.path, self.manifest)
         except BaseException:
             self._release()
             raise

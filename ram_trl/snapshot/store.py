@@ -15,9 +15,11 @@ flock on its temporary folder's ``.lock`` file while it works: the kernel drops 
 writer dies, which is how :meth:`SnapshotStore.clean` tells an abandoned temporary folder (a
 job killed mid-write) from one still being written.
 
-``replace=True`` swaps an existing entry with two renames under the lock: a reader looking in
-between finds the step missing for a moment, never a partial entry. Deleting (``prune``,
-``remove``) renames the entry to a hidden ``.trash-*`` folder first, for the same reason.
+``replace=True`` swaps an existing entry in one atomic exchange under the lock (Linux
+``renameat2``; elsewhere two renames, between which the step is missing for a moment), never a
+partial entry. Readers that race a writer (``latest``, ``list``, :func:`open_store_agents`)
+look again when an entry changes identity under them, so they see the old entry or the new one.
+Deleting (``prune``, ``remove``) renames the entry to a hidden ``.trash-*`` folder first.
 
 Corrupt entries never break the store: :meth:`~SnapshotStore.list` reports them with their error,
 :meth:`~SnapshotStore.latest` skips them (with a warning) and returns the newest valid snapshot,
@@ -40,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ram_trl.errors import InputError
+from ram_trl.errors import InputError, OutputError, OutputExistsError, describe_os_error
 from ram_trl.io import SAFE_NAME, check_name, fsync_path, replace_file
-from ram_trl.snapshot.format import MANIFEST, Manifest, lock_entry, validate
+from ram_trl.io.atomic import exchange, hold_lock_file, reap_stale
+from ram_trl.snapshot.format import MANIFEST, Manifest, lock_entry, validate, verify_checksums
 
 STORE_FILE = "store.json"
 STORE_FORMAT = "ram-trl.snapshot-store"
@@ -97,17 +100,22 @@ def _step(step: Any) -> int:
     return step
 
 
-def _hold_lock_file(path: Path) -> int:
-    """Create ``path`` and hold an flock on it; retry if clean() reaped it in between."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+#: how long a reader keeps retrying an entry that writers keep replacing (seconds)
+RETRY_SECONDS = 10.0
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """The identity of the folder now at ``path`` (None when nothing is there): an entry is
+    immutable once published, so a changed identity means it was replaced or removed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.001 * 2**attempt, 0.05))
 
 
 def _dir_size(path: Path) -> int:
@@ -139,7 +147,12 @@ class SnapshotStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # read-only (an archived store), or no permission
+            raise OutputError(
+                f"cannot change the snapshot store {self.root}: {describe_os_error(e)}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -175,17 +188,30 @@ class SnapshotStore:
         return self._read_info().get("base_path")
 
     def check_base(
-        self, fingerprint: str, where: str | os.PathLike, base_path: str | None = None
+        self,
+        fingerprint: str,
+        where: str | os.PathLike,
+        base_path: str | None = None,
+        *,
+        record: bool = True,
     ) -> None:
         """Raise unless ``fingerprint`` (of the base or snapshot at ``where``, taken against the
-        base at ``base_path`` if known) is the store's; the first call on a new store records it.
-        """
+        base at ``base_path`` if known) is the store's; the first call on a new store records it,
+        unless ``record`` is false (a check before a write that may still fail: a new store is
+        bound only when its first entry is published)."""
+        if not record:
+            self._check_base_locked(fingerprint, where, base_path, record=False)
+            return
         with self._locked():
             self._check_base_locked(fingerprint, where, base_path)
 
-    def _check_base_locked(self, fingerprint: str, where: Any, base_path: str | None) -> None:
+    def _check_base_locked(
+        self, fingerprint: str, where: Any, base_path: str | None, *, record: bool = True
+    ) -> None:
         info = self._read_info()
         ours = info.get("base_fingerprint")
+        if ours is None and not record:
+            return
         if ours is None:
             recorded = {"base_fingerprint": fingerprint, "base_path": base_path}
             self._write_info({**info, **recorded})
@@ -231,32 +257,71 @@ class SnapshotStore:
 
     def latest(self, agent: str) -> SnapshotRef | None:
         """The agent's newest *valid* snapshot, or None when it has none. Corrupt newer entries
-        are skipped with a warning naming them (see :meth:`list` for their errors)."""
-        for step in reversed(self.steps(agent)):
+        are skipped with a warning naming them (see :meth:`list` for their errors).
+
+        Safe against concurrent writers: an entry that fails to validate because it was pruned
+        or replaced meanwhile (its folder changed identity) is not corrupt; the lookup starts
+        again, so a reader gets the old entry or the new one, never an error."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        for attempt in range(1_000_000):
+            ref, raced = self._latest_once(agent, last=time.monotonic() > deadline)
+            if not raced:
+                return ref
+            _backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _latest_once(self, agent: str, *, last: bool) -> tuple[SnapshotRef | None, bool]:
+        """``(newest valid entry, False)``, or ``(None, True)`` when a writer raced the read."""
+        steps = self.steps(agent)
+        for step in reversed(steps):
             path = self.path(agent, step)
+            before = _inode(path)
             try:
                 validate(path)
-            except InputError as e:
-                if path.exists():  # not just removed by a concurrent prune
-                    warnings.warn(f"skipping corrupt snapshot: {e}", stacklevel=2)
+            except (InputError, OSError) as e:
+                if (before is None or _inode(path) != before) and not last:
+                    return None, True  # removed or replaced while we looked: look again
+                warnings.warn(f"skipping corrupt snapshot: {e}", stacklevel=3)
                 continue
-            return SnapshotRef(agent, step, path)
-        return None
+            return SnapshotRef(agent, step, path), False
+        # a step being replaced can be missing from one listing: if the listing changed, again
+        return None, bool(steps) and self.steps(agent) != steps and not last
 
-    def info(self, agent: str, step: int) -> SnapshotInfo:
+    def info(self, agent: str, step: int, *, verify: bool = False) -> SnapshotInfo:
+        """One listing row; with ``verify``, every byte is checked against the manifest's
+        checksums (see ``ram-trl store ls --verify``). An entry that a concurrent prune removes
+        meanwhile is reported missing, one replaced meanwhile is read again."""
         path = self.path(agent, step)
-        try:
-            size = _dir_size(path)
-            m = validate(path)
-        except (InputError, OSError) as e:
-            return SnapshotInfo(agent, step, path, error=str(e))
-        return SnapshotInfo(
-            agent, step, path, size, m.nnz, m.numel, m.density, m.created, m.metrics
-        )
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while True:
+            before = _inode(path)
+            try:
+                size = _dir_size(path)
+                m = validate(path)
+                if verify:
+                    verify_checksums(path, m)
+            except (InputError, OSError) as e:
+                after = _inode(path)
+                if after is not None and after != before and time.monotonic() < deadline:
+                    _backoff(attempt)
+                    attempt += 1
+                    continue
+                return SnapshotInfo(agent, step, path, error=str(e))
+            return SnapshotInfo(
+                agent, step, path, size, m.nnz, m.numel, m.density, m.created, m.metrics
+            )
 
-    def list(self) -> list[SnapshotInfo]:
-        """Every entry, by agent then step; corrupt ones included with ``error`` set."""
-        return [self.info(a, s) for a in self.agents() for s in self.steps(a)]
+    def list(self, *, verify: bool = False) -> list[SnapshotInfo]:
+        """Every entry, by agent then step; corrupt ones included with ``error`` set. Entries
+        that a concurrent prune removed while they were being listed are left out."""
+        rows = []
+        for agent in self.agents():
+            for step in self.steps(agent):
+                row = self.info(agent, step, verify=verify)
+                if row.valid or _inode(row.path) is not None:
+                    rows.append(row)
+        return rows
 
     def merged_dir(self, name: str) -> Path:
         """Where a merged model named ``name`` goes; publish it with ``atomic_directory``."""
@@ -292,7 +357,23 @@ class SnapshotStore:
         """
         final = self.path(agent, step)
         if final.exists() and not replace:
-            raise InputError(f"{final} already exists (pass replace=True to overwrite it)")
+            raise OutputExistsError(f"{final} already exists")
+        try:
+            return self._put(snapshot, agent, step, final, replace, max_shard_size)
+        except OSError as e:
+            if isinstance(e, (InputError, OutputError)):
+                raise
+            raise OutputError(f"cannot write {final}: {describe_os_error(e)}") from None
+
+    def _put(
+        self,
+        snapshot: Any,
+        agent: str,
+        step: int,
+        final: Path,
+        replace: bool,
+        max_shard_size: int | str | None,
+    ) -> Path:
         expected = getattr(snapshot, "base_fingerprint", None)
         if expected is not None and self.base_fingerprint not in (None, expected):
             where = f"the task vector of agent {agent!r}"
@@ -300,7 +381,7 @@ class SnapshotStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         token = f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp, lock_path = final.parent / token, final.parent / f"{token}.lock"
-        lock = _hold_lock_file(lock_path)  # held while writing: see clean()
+        lock = hold_lock_file(lock_path)  # held while writing: see clean()
         try:
             tmp.mkdir()
             self._write(snapshot, tmp, max_shard_size)
@@ -348,10 +429,17 @@ class SnapshotStore:
                 trash = None
                 if final.exists():
                     if not replace:
-                        raise InputError(f"{final} already exists (another writer was first)")
+                        message = f"{final} already exists (another writer was first)"
+                        raise OutputExistsError(message)
+                    # one atomic swap where the system has it: readers never miss the step
                     trash = final.parent / f".trash-{final.name}-{secrets.token_hex(4)}"
-                    os.rename(final, trash)
-                os.rename(tmp, final)
+                    if exchange(tmp, final):
+                        os.rename(tmp, trash)
+                    else:
+                        os.rename(final, trash)
+                        os.rename(tmp, final)
+                else:
+                    os.rename(tmp, final)
                 fsync_path(final.parent)
         finally:
             if guard is not None and guard >= 0:
@@ -400,9 +488,10 @@ class SnapshotStore:
 
     def clean(self, orphan_age_s: float = 3600.0) -> list[Path]:
         """Delete what killed writers left behind: temporary folders whose writer no longer holds
-        its lock, leftover ``.trash-*`` folders, and temporary folders without a lock file older
-        than ``orphan_age_s``. Safe to run while other jobs write. Returns what was deleted."""
-        removed = []
+        its lock (snapshots under ``agents/``, merges under ``merged/``), leftover ``.trash-*``
+        folders, and temporary folders without a lock file older than ``orphan_age_s``. Safe to
+        run while other jobs write. Returns what was deleted."""
+        removed = reap_stale(self.root / "merged")  # merges killed mid-write
         for folder in (self.root / "agents").iterdir():
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
@@ -446,31 +535,69 @@ def resolve_store_agents(store: SnapshotStore, specs: list[str]) -> dict[str, Pa
     """Map ``NAME`` (newest valid snapshot) or ``NAME@STEP`` to snapshot folders; with no specs,
     every agent's newest valid snapshot. What ``ram-trl merge --store S --agent ...`` and
     ``MergeConfig(store=...)`` merge."""
+    return {name: _resolve(store, name, step) for name, step in _parse_specs(store, specs)}
+
+
+def open_store_agents(store: SnapshotStore, specs: list[str], base: Any) -> dict[str, Any]:
+    """Like :func:`resolve_store_agents`, but each snapshot opened as a
+    :class:`~ram_trl.snapshot.TaskVectorSource` over ``base``, whose shared lock then keeps the
+    store from pruning or replacing it until it is closed.
+
+    Resolving and opening race the store's writers: an entry pruned or replaced in between is
+    resolved again (the replacement, or the previous complete step), never reported as an error;
+    an entry that fails to open while it stays in place is really broken, and that is raised."""
+    from ram_trl.snapshot.source import TaskVectorSource
+
+    opened: dict[str, Any] = {}
+    try:
+        for name, step in _parse_specs(store, specs):
+            deadline = time.monotonic() + RETRY_SECONDS
+            for attempt in range(1_000_000):
+                path = _resolve(store, name, step)
+                before = _inode(path)
+                try:
+                    opened[name] = TaskVectorSource(path, base)
+                    break
+                except InputError:
+                    raced = before is None or _inode(path) != before
+                    if not raced or time.monotonic() > deadline:
+                        raise
+                _backoff(attempt)
+    except BaseException:
+        for source in opened.values():
+            source.close()
+        raise
+    return opened
+
+
+def _parse_specs(store: SnapshotStore, specs: list[str]) -> list[tuple[str, int | None]]:
+    """``NAME`` / ``NAME@STEP`` specs as ``(name, step or None)``; none means every agent."""
     if not specs:
         agents = store.agents()
         if not agents:
             raise InputError(f"store {store.root} has no snapshots to merge")
         specs = agents
-    out: dict[str, Path] = {}
+    out: dict[str, int | None] = {}
     for spec in specs:
         name, sep, step_text = spec.partition("@")
         if name in out:
             raise InputError(f"agent {name!r} is given twice ({spec!r}): merge one step per agent")
-        if sep:
-            if not step_text.isdigit():
-                raise InputError(
-                    f"{spec!r}: the step after '@' must be an integer, as in {name}@100"
-                )
-            out[name] = store.get(name, int(step_text)).path
-            continue
-        ref = store.latest(name)
-        if ref is None and store.steps(name):
-            raise InputError(
-                f"every snapshot of agent {name!r} in store {store.root} is corrupt "
-                "(see `ram-trl store ls`)"
-            )
-        if ref is None:
-            known = ", ".join(store.agents()) or "none"
-            raise InputError(f"store {store.root} has no agent {name!r} (agents: {known})")
-        out[name] = ref.path
-    return out
+        if sep and not step_text.isdigit():
+            raise InputError(f"{spec!r}: the step after '@' must be an integer, as in {name}@100")
+        out[name] = int(step_text) if sep else None
+    return list(out.items())
+
+
+def _resolve(store: SnapshotStore, name: str, step: int | None) -> Path:
+    if step is not None:
+        return store.get(name, step).path
+    ref = store.latest(name)
+    if ref is None and store.steps(name):
+        raise InputError(
+            f"every snapshot of agent {name!r} in store {store.root} is corrupt "
+            "(see `ram-trl store ls`)"
+        )
+    if ref is None:
+        known = ", ".join(store.agents()) or "none"
+        raise InputError(f"store {store.root} has no agent {name!r} (agents: {known})")
+    return ref.path

@@ -38,7 +38,7 @@ from ram_trl.io import (
     safetensors_code,
     torch_dtype,
 )
-from ram_trl.methods.base import CHANGE_EPSILON
+from ram_trl.methods.base import CHANGE_EPSILON, compared_base
 from ram_trl.snapshot.fingerprint import fingerprint_folder, fingerprint_state_dict, unique_tensors
 from ram_trl.snapshot.format import (
     BASENAME,
@@ -137,7 +137,7 @@ def changed_positions(
     With equal dtypes only elements whose bits differ can have changed; when those are few (an
     RL task vector), they are found with an integer comparison and only they are widened.
     """
-    base, tuned = base.reshape(-1), tuned.reshape(-1)
+    base, tuned = compared_base(base.reshape(-1), tuned.dtype), tuned.reshape(-1)
     if base.dtype == tuned.dtype:
         as_int = _SAME_SIZE_INT[base.dtype.itemsize]
         bits_differ = tuned.view(as_int).numpy() != base.view(as_int).numpy()
@@ -186,7 +186,7 @@ def extract_tensor(
         t = read_rows(tuned, name, start, stop).reshape(-1)
         offset, seen = start * row_numel, (start * row_numel + b.numel())
         if dense is not None:
-            diff = _abs_diff(b, t)
+            diff = _abs_diff(compared_base(b, t.dtype), t)
             if diff is None:
                 raise _broken(name, base, tuned)
             mask = diff > epsilon
@@ -268,7 +268,11 @@ def _write(
     for name, info in base.tensors.items():
         keys += [(indices_key(name), 1), (values_key(name), 1), (name, len(info.shape))]
     writer = ShardedWriter.appending(
-        directory, keys, max_shard_bytes=parse_size(max_shard_size), basename=BASENAME
+        directory,
+        keys,
+        max_shard_bytes=parse_size(max_shard_size),
+        basename=BASENAME,
+        checksums=True,
     )
     entries: dict[str, TensorEntry] = {}
     shards: dict[str, int] = {}  # tensor -> the shard holding its data, named once all are written
@@ -289,7 +293,7 @@ def _write(
     entries = {
         n: replace(e, file=files[shards[n]]) if n in shards else e for n, e in entries.items()
     }
-    manifest = replace(meta, tensors=entries, files=files)
+    manifest = replace(meta, tensors=entries, files=files, checksums=writer.checksums())
     manifest.write(directory)
     fsync_path(directory)
     return manifest

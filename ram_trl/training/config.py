@@ -22,6 +22,7 @@ from ram_trl.evaluation import EvalTask, GenerationSettings
 from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
 from ram_trl.training.jobs import MergeSettings
+from ram_trl.validation import check_dataclass
 
 
 def _from_json(value: Any, name: str, kind: type) -> Any:
@@ -141,6 +142,7 @@ class RAMConfig:
         from ram_trl.io import check_name
         from ram_trl.methods import get_method
 
+        check_dataclass(self)  # a bool is a bool, a number a number: "no" is not False
         self.store, self.agent = str(self.store), check_name(str(self.agent))
         self.base = None if self.base is None else str(self.base)
         self.merge_params = _from_json(self.merge_params, "merge_params", dict)
@@ -232,7 +234,7 @@ class RAMConfig:
             raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
         try:
             return cls(**data)
-        except TypeError as e:  # a required field is missing
+        except (TypeError, InputError) as e:  # a required field is missing, or a bad value
             raise InputError(f"{source}: {e}") from None
 
     @classmethod

@@ -8,6 +8,7 @@ down by module kind and by layer. One counting pass, the same one RAM+ uses to m
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ram_trl.io import WeightSource
+from ram_trl.io import WeightSource, replace_file
 from ram_trl.merging.chunks import resolve_device
 from ram_trl.merging.counting import agent_stats, count_overlaps
 from ram_trl.merging.inputs import open_inputs
@@ -85,7 +86,7 @@ class ProbeReport:
         return data
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        replace_file(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     def table(self) -> str:
         return format_table(self)
@@ -211,6 +212,8 @@ def save_plot(report: ProbeReport, path: str | Path) -> bool:
     right.set_title("changed fraction by layer")
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    replace_file(Path(path), buffer.getvalue())  # a reader never sees half a PNG
     return True
