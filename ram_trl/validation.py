@@ -47,6 +47,20 @@ def check_fields(cls: type, values: Mapping[str, Any], source: str) -> None:
                 raise InputError(f"{source}: {problem}")
 
 
+def check_keys(cls: type, data: Any, source: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``: a mapping whose keys are all its
+    fields, else an InputError naming ``source`` and the unknown keys."""
+    if not isinstance(data, Mapping):
+        raise InputError(
+            f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return dict(data)
+
+
 def check_dataclass(obj: Any, source: str | None = None) -> None:
     """:func:`check_fields` over every field of a dataclass instance."""
     cls = type(obj)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
-from ram_trl.io.recipes import check_fields, load_yaml
+from ram_trl.io.recipes import load_yaml
+from ram_trl.validation import check_dataclass, check_keys
 
 #: the order in which ``--agents N`` takes tasks
 TASK_ORDER = ("tool", "arith", "memory", "code")
@@ -60,7 +61,7 @@ class DemoConfig:
     r_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2])
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_dataclass(self, "demo setting")
         if not isinstance(self.agents, int) or not 2 <= self.agents <= len(TASK_ORDER):
             raise InputError(
                 f"agents must be an integer in 2..{len(TASK_ORDER)}, got {self.agents}"
@@ -75,28 +76,6 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-    def _check_types(self) -> None:
-        """Recipe values of the wrong kind are an error naming the field (a YAML ``"no"`` is no
-        bool, ``1e-5`` written as text no number)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            if default is None:
-                ok = value is None or isinstance(value, str)
-            elif isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, (int, float)):
-                kinds = (int,) if isinstance(default, int) else (int, float)
-                ok = isinstance(value, kinds) and not isinstance(value, bool)
-            elif isinstance(default, list):
-                ok = isinstance(value, list) and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-                )
-            else:
-                ok = isinstance(value, type(default))
-            if not ok:
-                raise InputError(f"demo setting {f.name}: expected {_kind(default)}, got {value!r}")
 
     @property
     def tasks(self) -> list[str]:
@@ -128,7 +107,7 @@ class DemoConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DemoConfig:
-        data = check_fields(load_yaml(path, "demo recipe"), cls, f"demo recipe {path}")
+        data = check_keys(cls, load_yaml(path, "demo recipe"), f"demo recipe {path}")
         if not isinstance(data.get("quick", False), bool):
             raise InputError(f"demo recipe {path}: quick must be true or false")
         return cls.preset(
@@ -138,11 +117,3 @@ class DemoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _kind(default: Any) -> str:
-    if default is None:
-        return "a path or null"
-    if isinstance(default, list):
-        return "a list of numbers"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[type(default)]

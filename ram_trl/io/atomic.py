@@ -114,26 +114,35 @@ def hold_lock_file(path: Path) -> int:
         os.close(fd)
 
 
-def _writer_is_dead(lock_path: Path, pid: int) -> bool:
-    """Whether the writer of a temporary is gone: its lock file can be flock'ed (or, for a
-    temporary without one, its PID is not alive on this host)."""
+def lock_is_held(path: Path) -> bool | None:
+    """Whether a live process holds the flock of ``path`` (see :func:`hold_lock_file`); None
+    when there is no such file."""
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
+        return True
     finally:
         os.close(fd)
-    return True
+    return False
+
+
+def _writer_is_dead(lock_path: Path, pid: int) -> bool:
+    """Whether the writer of a temporary is gone: its lock file can be flock'ed (or, for a
+    temporary without one, its PID is not alive on this host)."""
+    held = lock_is_held(lock_path)
+    if held is not None:
+        return not held
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def reap_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:

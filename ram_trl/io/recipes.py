@@ -27,17 +27,3 @@ def load_yaml(path: str | os.PathLike, what: str = "recipe") -> Any:
         raise InputError(f"{what} {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise InputError(f"{what} {path} is not valid YAML: {error}") from None
-
-
-def check_fields(data: Any, cls: type, source: str) -> dict[str, Any]:
-    """``data`` as keyword arguments of the dataclass ``cls``: a mapping whose keys are its
-    fields, else an InputError naming ``source`` and the unknown keys."""
-    import dataclasses
-
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping of {cls.__name__} fields")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return data

@@ -12,14 +12,13 @@ A recipe holds the same fields as the ``ram-trl merge`` flags::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
 from ram_trl.io.recipes import load_yaml
-from ram_trl.validation import check_dataclass, check_fields
+from ram_trl.validation import check_dataclass, check_fields, check_keys
 
 
 @dataclass
@@ -58,14 +57,7 @@ class MergeConfig:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:
-        if not isinstance(data, dict):
-            raise InputError(
-                f"{source}: expected a mapping of merge fields, got {type(data).__name__}"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        data = check_keys(cls, data, source)
         check_fields(cls, data, source)
         if data.get("store"):
             agents = data.get("agents") or []

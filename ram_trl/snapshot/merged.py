@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ram_trl.errors import InputError
 from ram_trl.io import fsync_path
+from ram_trl.io.atomic import lock_is_held
 
 if TYPE_CHECKING:
     from ram_trl.snapshot.store import SnapshotRef, SnapshotStore
@@ -275,17 +276,7 @@ class MergedEntries:
     @staticmethod
     def _alive(marker: Path) -> bool:
         """Whether the process that wrote ``marker`` still holds its flock."""
-        try:
-            fd = os.open(marker, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_is_held(marker) is True
 
     def _reap(self, marker: Path) -> list[Path]:
         """Remove a dead merge's marker and its half-written folder (call under the lock)."""

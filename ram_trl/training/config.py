@@ -22,7 +22,7 @@ from ram_trl.evaluation import EvalTask, GenerationSettings
 from ram_trl.io.recipes import load_yaml
 from ram_trl.methods.base import CHANGE_EPSILON
 from ram_trl.training.jobs import MergeSettings
-from ram_trl.validation import check_dataclass
+from ram_trl.validation import check_dataclass, check_keys
 
 
 def _from_json(value: Any, name: str, kind: type) -> Any:
@@ -226,12 +226,7 @@ class RAMConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RAMConfig:
-        if not isinstance(data, Mapping):
-            raise InputError(f"{source}: expected a mapping of RAMConfig fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        data = check_keys(cls, data, source)
         try:
             return cls(**data)
         except (TypeError, InputError) as e:  # a required field is missing, or a bad value
