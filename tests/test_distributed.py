@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ TINY_RUN = ["--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-2",
             "--save_only_model", "true"]  # fmt: skip
 SAVES = [2, 4]  # max_steps 4, save_steps 2
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ram-trl-torch-ext")
+TEARDOWN_ABORT = "terminate called without an active exception"
 TIMEOUT_DDP = 300  # s, a launch measured at about 25 s on 2 cores
 TIMEOUT_DS = 600  # s, the first DeepSpeed launch JIT-builds a comm op (about 60-90 s)
 
@@ -110,6 +112,7 @@ def launch(
     env: dict[str, str] | None = None,
     timeout: float = TIMEOUT_DDP,
     num_processes: int | None = 2,
+    retry: bool = True,
 ) -> Run:
     """``accelerate launch --config_file recipes/accelerate/<config>`` the example on
     ``recipes/grpo/<agent>.yaml`` with ``num_processes`` processes; fail with the log's tail if
@@ -156,9 +159,32 @@ def launch(
         log, _ = proc.communicate()
         pytest.fail(f"{config}: no exit after {timeout} s (a hung rank?)\n{log[-4000:]}")
     seconds = time.perf_counter() - started
-    assert proc.returncode == 0, f"{config}: exit {proc.returncode}\n{log[-6000:]}"
     files = sorted(record.glob("rank-*.json"))
     expected = [f"rank-{r}.json" for r in range(num_processes)]
+    if proc.returncode != 0 and TEARDOWN_ABORT in log and [f.name for f in files] == expected:
+        # Every rank finished training and wrote its record, then one aborted in C++ teardown
+        # at interpreter exit (seen about once in ten launches under load, never reproduced
+        # alone; see the session notes). Launch once more; a second failure fails the test.
+        warnings.warn(
+            f"{config}: a rank aborted at exit after finishing; relaunching", stacklevel=2
+        )
+        for f in files:
+            f.unlink()
+        if not retry:
+            pytest.fail(f"{config}: aborted at exit twice\n{log[-6000:]}")
+        return launch(
+            config,
+            workdir,
+            base=base,
+            store=store,
+            agent=agent,
+            args=(*args, "--overwrite", "true"),  # the first launch's snapshots are in the store
+            env=env,
+            timeout=timeout,
+            num_processes=num_processes,
+            retry=False,
+        )
+    assert proc.returncode == 0, f"{config}: exit {proc.returncode}\n{log[-6000:]}"
     assert [f.name for f in files] == expected, (files, log[-4000:])  # else a rank died
     ranks = [json.loads(f.read_text()) for f in files]
     print(f"\n{config} ({agent}, {num_processes} processes): {seconds:.1f} s")
