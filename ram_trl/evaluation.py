@@ -334,3 +334,21 @@ def load_model(path: str | Path, base: str | Path, device: torch.device, lora: b
 
         model = AutoModelForCausalLM.from_pretrained(base)
         return PeftModel.from_pretrained(model, str(path)).to(device)
+
+
+def score_folder(
+    path: str | Path,
+    tasks: Sequence[EvalTask],
+    generation: GenerationSettings | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    tokenizer: Any | None = None,
+) -> dict[str, float]:
+    """The mean reward (``"reward"`` of :func:`evaluate`) of the model folder at ``path`` on
+    each task, by task name; the folder's own tokenizer unless one is given. The model is loaded
+    in float32 (merges and checkpoints may be stored in bf16) and dropped afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return {task.name: evaluate(model, tokenizer, task, generation)["reward"] for task in tasks}

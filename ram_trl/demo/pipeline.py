@@ -18,17 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ram_trl.demo import runs
 from ram_trl.demo.config import DemoConfig
 from ram_trl.demo.pretrain import bf16_copy, pretrain
 from ram_trl.demo.report import Results, Row
 from ram_trl.demo.tasks import TASKS, Split, splits
-from ram_trl.evaluation import EvalTask, GenerationSettings, evaluate
+from ram_trl.evaluation import EvalTask, GenerationSettings, score_folder
 from ram_trl.merging.search import Candidate, grid, search
-
-SPLITS = ("test", "val", "train")
 
 
 def make_splits(config: DemoConfig) -> dict[str, dict[str, Split]]:
@@ -62,16 +58,6 @@ def generation(tasks: list[str]) -> GenerationSettings:
     return GenerationSettings(
         batch_size=64, max_new_tokens=max(TASKS[t].max_completion_tokens for t in tasks)
     )
-
-
-def score(
-    path: Path | str, tasks: list[EvalTask], settings: GenerationSettings, device: str
-) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    return {t.name: evaluate(model, tokenizer, t, settings)["reward"] for t in tasks}
 
 
 def candidates(config: DemoConfig) -> dict[str, list[Candidate]]:
@@ -131,7 +117,7 @@ def run(config: DemoConfig, *, progress: bool = True) -> Results:
     models.update({t: ("specialist", out / "agents" / t / "final") for t in config.tasks})
     models["joint RL"] = ("joint", out / "joint" / "final")
     rows = [
-        Row(name, kind, score(path, test, settings, config.device))
+        Row(name, kind, score_folder(path, test, settings, device=config.device))
         for name, (kind, path) in tqdm(models.items(), desc="test evaluation", disable=not progress)
     ]
     seconds["evaluation"] = time.perf_counter() - clock
@@ -147,7 +133,7 @@ def run(config: DemoConfig, *, progress: bool = True) -> Results:
         best = ranked[0]
         params = ", ".join(f"{k}={v}" for k, v in best.candidate.params.items())
         setting = params if len(tried) > 1 else "paper default"
-        scores = score(best.path, test, settings, config.device)
+        scores = score_folder(best.path, test, settings, device=config.device)
         rows.append(Row(label, "merge", scores, setting=setting, validation=best.score))
     bar.close()
     seconds["merges"] = time.perf_counter() - clock

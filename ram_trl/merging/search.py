@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
-from ram_trl.evaluation import EvalTask, GenerationSettings
+from ram_trl.evaluation import EvalTask, GenerationSettings, score_folder
 
 __all__ = ["Candidate", "SearchResult", "grid", "search"]
 
@@ -82,11 +82,9 @@ def search(
     store snapshots). The tokenizer defaults to ``base``'s. With ``out``, the best candidate's
     merged model is moved there (it must not exist yet) and its ``path`` set.
     """
-    import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ram_trl.evaluation import evaluate
     from ram_trl.merging.engine import merge
 
     candidates = list(candidates)
@@ -105,11 +103,9 @@ def search(
             folder = scratch / f"candidate-{i}"
             merge(base, agents, candidate.method, folder, params=dict(candidate.params),
                   device=device, progress=False)  # fmt: skip
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-            scores = {
-                t.name: evaluate(model, tokenizer, t, generation)["reward"] for t in eval_tasks
-            }
-            del model
+            scores = score_folder(
+                folder, eval_tasks, generation, device=device, tokenizer=tokenizer
+            )
             score = math.fsum(scores.values()) / len(scores)
             results.append(SearchResult(candidate, scores, score))
             if out is not None and (best is None or _finite(score) > best[0]):
