@@ -18,22 +18,18 @@ with ``num_processes`` >= 2 while the agent recipes keep ``use_cpu: true``; Deep
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from launching import TEARDOWN_ABORT, free_port, launch_env, run_launch
 
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
@@ -56,7 +52,6 @@ TINY_RUN = ["--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-2",
             "--save_only_model", "true"]  # fmt: skip
 SAVES = [2, 4]  # max_steps 4, save_steps 2
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ram-trl-torch-ext")
-TEARDOWN_ABORT = "terminate called without an active exception"
 TIMEOUT_DDP = 300  # s, a launch measured at about 25 s on 2 cores
 TIMEOUT_DS = 600  # s, the first DeepSpeed launch JIT-builds a comm op (about 60-90 s)
 
@@ -73,32 +68,6 @@ class Run:
     ranks: list[dict]  # run_train_agent.py's record of each rank, by rank
     log: str
     seconds: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """End the launcher and its ranks. torch's elastic agent starts each rank in a session of
-    its own, so killing the launcher's process group would leave them running (holding the
-    output pipe, so communicate() would never return): collect the descendants first."""
-    try:
-        import psutil
-
-        ranks = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:  # no psutil, or the launcher is gone
-        ranks = []
-    os.killpg(proc.pid, signal.SIGTERM)  # the elastic agent forwards it to the ranks
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for child in ranks:
-        with contextlib.suppress(Exception):  # already gone
-            child.kill()
 
 
 def launch(
@@ -126,42 +95,18 @@ def launch(
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ACCELERATE / config),
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         *processes,
         str(WRAPPER), "--config", str(AGENTS / f"{agent}.yaml"),
         "--record", str(record),
         "--store", str(store), "--tiny_base_dir", str(base), "--output_dir", str(out),
         *TINY_RUN, *args,
     ]  # fmt: skip
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TORCH_EXTENSIONS_DIR": EXT_DIR,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        **(env or {}),
-    }
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: a timeout ends every rank
-    )
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        log, _ = proc.communicate()
-        pytest.fail(f"{config}: no exit after {timeout} s (a hung rank?)\n{log[-4000:]}")
-    seconds = time.perf_counter() - started
+    full_env = launch_env({"TORCH_EXTENSIONS_DIR": EXT_DIR, **(env or {})})
+    returncode, log, seconds = run_launch(cmd, env=full_env, timeout=timeout, label=config)
     files = sorted(record.glob("rank-*.json"))
     expected = [f"rank-{r}.json" for r in range(num_processes)]
-    if proc.returncode != 0 and TEARDOWN_ABORT in log and [f.name for f in files] == expected:
+    if returncode != 0 and TEARDOWN_ABORT in log and [f.name for f in files] == expected:
         # Every rank finished training and wrote its record, then one aborted in C++ teardown
         # at interpreter exit (seen about once in ten launches under load, never reproduced
         # alone; see the session notes). Launch once more; a second failure fails the test.
@@ -184,7 +129,7 @@ def launch(
             num_processes=num_processes,
             retry=False,
         )
-    assert proc.returncode == 0, f"{config}: exit {proc.returncode}\n{log[-6000:]}"
+    assert returncode == 0, f"{config}: exit {returncode}\n{log[-6000:]}"
     assert [f.name for f in files] == expected, (files, log[-4000:])  # else a rank died
     ranks = [json.loads(f.read_text()) for f in files]
     print(f"\n{config} ({agent}, {num_processes} processes): {seconds:.1f} s")
