@@ -254,27 +254,48 @@ def test_ddp_one_snapshot_per_save(ddp_run, tmp_path):
     assert all(r["device"].startswith("cpu") for r in ddp_run.ranks)
 
 
-def test_ddp_second_agent_merges_on_rank0_only(ddp_run, base, tmp_path):
-    """A second agent's 2-process job on a copy of the store merges at each save, once; it is
-    launched with the multi-GPU recipe, which runs on CPU exactly as cpu_ddp.yaml does."""
+def test_ddp_second_agent_merges_split_across_ranks(ddp_run, base, tmp_path):
+    """A second agent's 2-process job on a copy of the store merges at each save, once, split
+    across its two ranks, into what a single-process ``ram-trl merge --store`` of the same
+    snapshots writes; it is launched with the multi-GPU recipe, which runs on CPU exactly as
+    cpu_ddp.yaml does."""
     store = tmp_path / "store"
     shutil.copytree(ddp_run.store, store)
     run = launch("multi_gpu.yaml", tmp_path, base=base, store=store, agent="letters")
     assert all(r["distributed_type"].endswith("MULTI_CPU") for r in run.ranks)
-    _check_second_agent(run)
+    _check_second_agent(run, tmp_path)
 
 
-def _check_second_agent(run: Run) -> None:
+def _check_second_agent(run: Run, tmp_path: Path) -> None:
+    from ram_trl.merging.config import MergeConfig
     from ram_trl.snapshot import SnapshotStore
 
     r0, r1 = run.ranks
     assert r0["puts"] == [["letters", s] for s in SAVES] and r1["puts"] == []
-    assert [c[0] for c in r1["checkpoints"]] == SAVES  # rank 1 took part, then waited
+    assert [c[0] for c in r1["checkpoints"]] == SAVES  # rank 1 took part in the snapshots
     assert SnapshotStore(run.store).agents() == ["digits", "letters"]
     entries = SnapshotStore(run.store).merged.entries()
-    assert [e.steps["letters"] for e in entries] == SAVES, entries  # merged once each, on rank 0
+    assert [e.steps["letters"] for e in entries] == SAVES, entries  # merged once each
+    # every merge was split across both ranks (rank 0 claimed it, both merged their share)
+    assert r0["merges"] == r1["merges"] == [[str(e.path), 2] for e in entries]
     for entry in entries:
         assert (entry.path / "config.json").is_file()
+        # the same model as a single-process merge of the same snapshots, byte for byte
+        ref = tmp_path / f"ref-{entry.sequence}"
+        settings = entry.settings
+        MergeConfig(
+            base=None,
+            agents=[f"{a}@{s}" for a, s in entry.steps.items()],
+            store=str(run.store),
+            method=settings["method"],
+            parameters=settings["params"],
+            dtype=settings["dtype"],
+            out=str(ref),
+        ).run(progress=False)
+        weights = sorted(p.name for p in ref.iterdir() if "safetensors" in p.name)
+        assert weights == sorted(p.name for p in entry.path.iterdir() if "safetensors" in p.name)
+        for name in [*weights, "config.json"]:
+            assert (ref / name).read_bytes() == (entry.path / name).read_bytes(), name
     logs = ram_entries(r0["log_history"])
     for step in SAVES:
         for key in ("ram/merge_seconds", "ram/rho/digits", "ram/lambda/letters",
@@ -328,15 +349,16 @@ def _base_state(run: Run) -> dict[str, torch.Tensor]:
 
 
 @needs_deepspeed
-def test_zero3_second_agent_merges_on_rank0_only(zero3_run, base, tmp_path):
-    """Merging and evaluating (the agent rebuilt from its snapshot) with a sharded model."""
+def test_zero3_second_agent_merges_split_across_ranks(zero3_run, base, tmp_path):
+    """Merging (split across the ranks) and evaluating (the agent rebuilt from its snapshot)
+    with a sharded model."""
     store = tmp_path / "store"
     shutil.copytree(zero3_run.store, store)
     run = launch(
         "deepspeed_zero3.yaml", tmp_path, base=base, store=store, agent="letters", env=DS_ENV,
         timeout=TIMEOUT_DS,
     )  # fmt: skip
-    _check_second_agent(run)
+    _check_second_agent(run, tmp_path)
 
 
 @pytest.mark.xfail(
