@@ -275,3 +275,30 @@ def test_torchrun_cli_failure_is_one_line(inputs, tmp_path):
     assert any(line.startswith("ram-trl: error: agent 'c' has 1 NaN") for line in lines), lines
     assert all("agent 'c' has 1 NaN" in line for line in lines), lines
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cli_merge_equals_single_process(inputs, tmp_path):
+    """``accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml -m ram_trl merge``:
+    the laptop recipe's two processes split the merge (TIES here)."""
+    pytest.importorskip("accelerate")
+    from ram_trl.cli import main
+
+    base, agents, _ = inputs
+    out = tmp_path / "merged"
+    args = ["merge", "--base", str(base), *[f"--agent={k}={v}" for k, v in agents.items()]]
+    args += ["--method", "ties", "--shard-size", "40KB", "--out", str(out), "-q"]
+    assert main(args) == 0
+    shutil.move(out, tmp_path / "ref")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port", str(free_port()), "-m", "ram_trl", *args,
+    ]  # fmt: skip
+    env = launch_env({"RAM_TRL_DIST_TIMEOUT": DIST_TIMEOUT})
+    code, log, _ = run_launch(cmd, env=env, timeout=TIMEOUT, label="accelerate launch")
+    if code != 0 and TEARDOWN_ABORT in log:
+        code, log, _ = run_launch(cmd, env=env, timeout=TIMEOUT, label="accelerate launch")
+    assert code == 0, log[-6000:]
+    assert log.count("merged into") == 1
+    assert_same_output(tmp_path / "ref", out)
