@@ -9,9 +9,12 @@ of them. :class:`TensorView` is one tensor as a merge method's ``prepare_tensor`
 from __future__ import annotations
 
 import math
+import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,8 +94,23 @@ def read_chunk(
     widening anything, and only those are turned into float32 deltas; a chunk with more than
     ``SPARSE_LIMIT`` of them (or ``sparse=False``, for rules that need every position) is
     processed densely. Either way the deltas are the same float32 numbers, and non-finite base
-    or agent values are refused.
+    or agent values are refused. With a :class:`ReadAhead` open on ``inputs``, the chunk may
+    already have been read on its thread.
     """
+    ahead = inputs.read_ahead
+    if ahead is not None:
+        return ahead.read(name, start, stop, device, sparse)
+    return _read_chunk(inputs, name, start, stop, device, sparse)
+
+
+def _read_chunk(
+    inputs: MergeInputs,
+    name: str,
+    start: int,
+    stop: int,
+    device: torch.device | str,
+    sparse: bool,
+) -> Chunk:
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
     found = _changed_values(inputs, name, start, stop, base) if sparse else None
     if found is not None:  # sparse sources said where they differ: only those are read
@@ -300,3 +318,76 @@ class TensorView:
 def _magnitudes(chunk: Chunk) -> tuple[torch.Tensor, int]:
     """|deltas| at the chunk's candidates, and how many implicit zeros each row has besides."""
     return chunk.deltas.abs(), chunk.numel - chunk.deltas.shape[1]
+
+
+def default_threads() -> int:
+    """Threads a merge uses: ``RAM_TRL_THREADS`` if set, else every usable core, at most 4
+    (one reads, one merges, one writes; more only helps the counting pass)."""
+    value = os.environ.get("RAM_TRL_THREADS")
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise InputError(f"RAM_TRL_THREADS={value!r} must be a positive integer") from None
+        if threads < 1:
+            raise InputError(f"RAM_TRL_THREADS={value!r} must be a positive integer")
+        return threads
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class ReadAhead:
+    """Reads the chunk a merge will most likely ask for next on a background thread, while the
+    current one is merged and written: the next row chunk of the same tensor, or the first of
+    the next floating-point tensor in ``names``.
+
+    A guess that turns out wrong (TIES' second sweep over a tensor, a dense read) costs one
+    chunk read for nothing; the chunk asked for is then read on the caller's thread. At most two
+    chunks are in flight besides the caller's, so memory stays bounded. The chunks are exactly
+    those :func:`read_chunk` reads without it (same function, another thread); errors are raised
+    to the caller when it asks for that chunk. Open it with ``with``; it sets
+    ``inputs.read_ahead`` while open.
+    """
+
+    def __init__(self, inputs: MergeInputs, names: Sequence[str]) -> None:
+        self.inputs = inputs
+        spans = []
+        for name in names:
+            info = inputs.base.tensors[name]
+            if info.dtype.is_floating_point:
+                spans += [(name, start, stop) for start, stop in row_chunks(tuple(info.shape))]
+        self._next = {span: after for span, after in zip(spans, spans[1:], strict=False)}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ram-trl-read")
+        self._pending: tuple[tuple, Future] | None = None
+        self._lock = threading.Lock()
+
+    def read(
+        self, name: str, start: int, stop: int, device: torch.device | str, sparse: bool
+    ) -> Chunk:
+        key = (name, start, stop, str(device), sparse)
+        with self._lock:
+            pending, self._pending = self._pending, None
+            future = pending[1] if pending is not None and pending[0] == key else None
+            after = self._next.get((name, start, stop))
+            if future is None:  # a wrong guess: read it here, guess again from it
+                future = Future()
+                future.set_result(None)
+            if after is not None:
+                guess = (*after, str(device), sparse)
+                self._pending = (guess, self._pool.submit(self._read, *after, device, sparse))
+        chunk = future.result()
+        return chunk if chunk is not None else self._read(name, start, stop, device, sparse)
+
+    def _read(self, name: str, start: int, stop: int, device: Any, sparse: bool) -> Chunk:
+        return _read_chunk(self.inputs, name, start, stop, device, sparse)
+
+    def __enter__(self) -> ReadAhead:
+        self.inputs.read_ahead = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inputs.read_ahead = None
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()
+        self._pool.shutdown(wait=True)
