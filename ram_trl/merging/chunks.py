@@ -114,14 +114,15 @@ def _read_chunk(
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
     found = _changed_values(inputs, name, start, stop, base) if sparse else None
     if found is not None:  # sparse sources said where they differ: only those are read
-        index, agents = found
+        index, agents, picked = found
     else:
         agents = [read_rows(s, name, start, stop).reshape(-1) for s in inputs.agents.values()]
         index = _candidates(base, agents) if sparse else None
         if index is not None:
             agents = [a.index_select(0, index) for a in agents]
+            picked = base.index_select(0, index)
     if index is not None:
-        base32 = base.index_select(0, index).to(device=device, dtype=torch.float32)
+        base32 = picked.to(device=device, dtype=torch.float32)
     else:
         base32 = base.to(device=device, dtype=torch.float32)
     deltas = torch.empty((len(agents), base32.numel()), dtype=torch.float32, device=device)
@@ -129,9 +130,9 @@ def _read_chunk(
         torch.sub(values.to(device), base32, out=deltas[row])  # widens on the fly
         if values.dtype == base.dtype:
             continue
-        picked = base if index is None else base[index]
-        reference = compared_base(picked, values.dtype)
-        if reference is not picked:  # a narrower agent: rounding the base is no change
+        at = base if index is None else picked
+        reference = compared_base(at, values.dtype)
+        if reference is not at:  # a narrower agent: rounding the base is no change
             same = _bits(values) == _bits(reference)
             deltas[row].masked_fill_(same.to(device), 0.0)
     # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
@@ -165,11 +166,12 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
 
 def _changed_values(
     inputs: MergeInputs, name: str, start: int, stop: int, base: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """The candidates of a chunk and every agent's values there, from sources that know where
-    they differ from the base (task-vector snapshots: ``changed_rows``), without reading their
-    other elements. None when some agent cannot say (a checkpoint, a dense or wider snapshot
-    tensor) or when the chunk has too many candidates: then :func:`read_chunk` reads it whole.
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None:
+    """The candidates of a chunk, every agent's values there and the base's, from sources that
+    know where they differ from the base (task-vector snapshots: ``changed_rows``), without
+    reading their other elements. None when some agent cannot say (a checkpoint, a dense or
+    wider snapshot tensor) or when the chunk has too many candidates: then :func:`read_chunk`
+    reads it whole.
 
     The result is exactly :func:`_candidates`' on the rebuilt rows: outside the union of the
     stored positions every agent equals the base bit for bit, and inside it only the positions
@@ -184,23 +186,25 @@ def _changed_values(
         got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
         if got is None or got[1].dtype != base.dtype:
             return None
-        positions, values = got
-        differs = _bits(values) != _bits(base.index_select(0, positions))
-        if not bool(differs.all()):  # a stored value equal to the base's is no change
-            positions, values = positions[differs], values[differs]
-        stored.append((positions, values))
+        stored.append(got)
     marked, slot, count = _scratch(base.numel())
     for positions, _ in stored:
         marked.index_fill_(0, positions, True)
     index = torch.from_numpy(np.flatnonzero(marked.numpy()))
-    if index.numel() > SPARSE_LIMIT * base.numel():
-        return None
     slot.index_copy_(0, index, count[: index.numel()])  # position -> its place in ``index``
     picked, agents = base.index_select(0, index), []
+    differs = torch.zeros(index.numel(), dtype=torch.bool)
     for positions, values in stored:
         place = slot.index_select(0, positions).to(torch.int64)
         agents.append(picked.clone().index_copy_(0, place, values))
-    return index, agents
+        differs |= _bits(agents[-1]) != _bits(picked)
+    if not bool(differs.all()):  # a stored value equal to the base's is no change
+        keep = torch.from_numpy(np.flatnonzero(differs.numpy()))
+        index, picked = index[keep], picked[keep]
+        agents = [a[keep] for a in agents]
+    if index.numel() > SPARSE_LIMIT * base.numel():
+        return None
+    return index, agents, picked
 
 
 _SCRATCH = threading.local()
