@@ -8,6 +8,10 @@ an output sink (safetensors shards, or a LoRA adapter). I/O cost: ``ram`` and th
 every input byte once; methods that need overlap counts (RAM+, RAM+s, arm-r-v2) make a counting
 pass first, because the paper's rho is a whole-model quantity, so they read every byte twice;
 TIES reads a tensor larger than one chunk three times (two sweeps for its exact thresholds).
+Both passes use the cores: the counting pass counts chunks on several threads, and the merge
+reads the next chunk and writes the last one on their own threads (``threads``, same bytes).
+A one-pass RAM+ that patches the output afterwards would rewrite nearly every page of it (see
+benchmarks/README.md), which costs more disk time here than the counting pass costs.
 """
 
 from __future__ import annotations
