@@ -9,6 +9,7 @@ import argparse
 import math
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def floor_worker(argv: Sequence[str]) -> None:
 
     from ram_trl.io import ModelFolder, ShardedWriter
 
+    started = time.perf_counter()
+
     folders = [ModelFolder(d) for d in [ns.base, *ns.agent]]  # headers only: which file holds what
     base = folders[0]
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +58,38 @@ def floor_worker(argv: Sequence[str]) -> None:
                             writer.write(name, widened.to(piece.dtype))
                         del piece, widened
     shutil.copy(ns.base / "config.json", ns.out / "config.json")
+    print(f"in-process seconds {time.perf_counter() - started:.3f}", flush=True)
+
+
+def copy_worker(argv: Sequence[str]) -> None:
+    """Copy the base into a new sharded model through ram-trl's writer, unconverted: the least
+    any merge writing the base's bytes once must do (what a merge from sparse snapshots is
+    compared to)."""
+    parser = argparse.ArgumentParser(prog="merge_bench.py --copy-worker")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    ns = parser.parse_args(argv)
+
+    from ram_trl.io import ModelFolder, ShardedWriter, read_rows, row_chunks
+
+    started = time.perf_counter()
+    base = ModelFolder(ns.base)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    with ShardedWriter.mirroring(ns.out, base.layout()) as writer:
+        for name, info in base.tensors.items():
+            for start, stop in row_chunks(tuple(info.shape), 1 << 22):
+                writer.write(name, read_rows(base, name, start, stop).clone())
+    shutil.copy(ns.base / "config.json", ns.out / "config.json")
+    print(f"in-process seconds {time.perf_counter() - started:.3f}", flush=True)
+
+
+def copy_command(script: Path, base: Path, out: Path) -> list[str]:
+    return [sys.executable, str(script), "--copy-worker", "--base", str(base), "--out", str(out)]
+
+
+def startup_command() -> list[str]:
+    """What every Python tool here pays before its first byte of work."""
+    return [sys.executable, "-c", "import torch, safetensors"]
 
 
 def floor_command(script: Path, base: Path, agents: Sequence[Path], out: Path) -> list[str]:

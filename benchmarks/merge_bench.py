@@ -36,7 +36,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside this script
 
-from floor import floor_command, floor_worker  # noqa: E402
+from floor import (  # noqa: E402
+    copy_command,
+    copy_worker,
+    floor_command,
+    floor_worker,
+    startup_command,
+)
 from measure import (  # noqa: E402
     DROP_CACHES,
     GIB,
@@ -56,8 +62,10 @@ SCRIPT = Path(__file__).resolve()
 
 def method_args(spec: str) -> tuple[list[str], str]:
     """CLI arguments and a note for a ``--methods`` entry such as ``ram_plus``,
-    ``ram_plus:tensor`` (method, optionally ``:rho-scope``) or ``ram_plus@store`` (merging the
-    agents' task-vector snapshots from a store instead of their checkpoints)."""
+    ``ram_plus:tensor`` (method, optionally ``:rho-scope``), ``ram_plus@store`` (merging the
+    agents' task-vector snapshots from a store instead of their checkpoints) or ``ram#1`` (with
+    ``RAM_TRL_THREADS=1``: everything on one thread)."""
+    spec, _, threads = spec.partition("#")
     spec, _, source = spec.partition("@")
     method, _, scope = spec.partition(":")
     args, notes = ["--method", method], ["from a snapshot store"] if source == "store" else []
@@ -71,6 +79,8 @@ def method_args(spec: str) -> tuple[list[str], str]:
     elif method == "task_arithmetic":
         args += ["--scale", "1.0"]
         notes.append("scale 1.0")
+    if threads:
+        notes.append(f"RAM_TRL_THREADS={threads}")
     return args, ", ".join(notes)
 
 
@@ -79,8 +89,10 @@ def merge_command(
 ) -> list[str]:
     """The full ``ram-trl merge`` command line for one ``--methods`` entry."""
     args, _ = method_args(spec)
-    cmd = [*prefix, "merge", "--base", str(wl.base)]
-    if spec.endswith("@store"):
+    threads = spec.partition("#")[2]
+    env = ["env", f"RAM_TRL_THREADS={threads}"] if threads else []
+    cmd = [*env, *prefix, "merge", "--base", str(wl.base)]
+    if spec.partition("#")[0].endswith("@store"):
         cmd += ["--store", str(ensure_store(prefix, wl))]
     else:
         for a in wl.agents:
@@ -105,6 +117,26 @@ def ensure_store(prefix: Sequence[str], wl: Workload) -> Path:
     return store
 
 
+def _in_process(row: Row) -> float | None:
+    """The best in-process time a worker printed (``in-process seconds X``), if it did."""
+    found = []
+    for m in row.runs:
+        for line in m.stdout.read_text(errors="replace").splitlines():
+            if line.startswith("in-process seconds "):
+                found.append(float(line.split()[-1]))
+    return min(found) if found else None
+
+
+def mergekit_command(python: str, wl: Workload, method: str, out: Path) -> list[str]:
+    """mergekit's ``method`` on the same base and agents, run by the interpreter ``python``
+    that has mergekit installed (``--mergekit``); the config is written beside the outputs."""
+    lines = [f"merge_method: {method}", f"base_model: {wl.base}", "dtype: bfloat16", "models:"]
+    lines += [f"  - model: {a}" for a in wl.agents]
+    config = wl.root / f"mergekit-{method}.yml"
+    config.write_text("\n".join(lines) + "\n")
+    return [python, "-m", "mergekit.scripts.run_yaml", str(config), str(out)]
+
+
 @dataclasses.dataclass
 class Row:
     """One line of the results table."""
@@ -125,19 +157,20 @@ class Row:
         return max((m.peak_rss for m in self.runs), default=0)
 
 
-def run_row(row: Row, out: Path, wl: Workload, args: argparse.Namespace) -> Row:
+def run_row(row: Row, out: Path | None, wl: Workload, args: argparse.Namespace) -> Row:
     """Run one command ``--repeat`` times with the same cache state; keep the best wall time and
     the worst peak RSS."""
-    label = out.name
+    label = out.name if out is not None else row.method
     for r in range(args.repeat):
-        shutil.rmtree(out, ignore_errors=True)  # so every run starts without an old output
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)  # so every run starts without an old output
         prepare_cache(args.cache, wl.input_files())
         log(f"[{row.method}] run {r + 1}/{args.repeat}: {shlex.join(row.command)}")
         m = measure(row.command, wl.root / "logs", label)
         row.runs.append(m)
         if m.returncode != 0:
             row.error = f"exit code {m.returncode}"
-        elif not any(out.rglob("*.safetensors")):
+        elif out is not None and not any(out.rglob("*.safetensors")):
             row.error = f"exit code 0 but no *.safetensors under {out}"
         if row.error:
             return row
@@ -257,9 +290,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("runs")
     r.add_argument(
         "--methods",
-        default="ram,ram_plus,ram_plus:tensor,task_arithmetic,ties,ram_plus@store",
-        help="comma list; method[:rho-scope][@store], e.g. ram_plus:tensor, or ram_plus@store "
-        "to merge snapshots from a store ('' = floor only)",
+        default="ram,ram#1,ram_plus,ram_plus#1,ram_plus:tensor,task_arithmetic,ties,"
+        "ram_plus@store,ram_plus@store#1",
+        help="comma list; method[:rho-scope][@store][#threads], e.g. ram_plus:tensor, "
+        "ram_plus@store to merge snapshots from a store, ram#1 for one thread ('' = floor only)",
     )
     r.add_argument("--repeat", type=int, default=1, help="runs per command; best wall is kept")
     r.add_argument(
@@ -274,6 +308,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="command prefix before 'merge' (default: this python -m ram_trl.cli)",
     )
     r.add_argument("--extra-args", default="", help="appended to every merge command")
+    r.add_argument(
+        "--no-snapshot", dest="snapshot", action="store_false", help="skip the snapshot row"
+    )
+    r.add_argument(
+        "--mergekit",
+        metavar="PYTHON",
+        help="an interpreter with mergekit installed: adds mergekit's ram and ramplus_tl rows",
+    )
     r.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.agents < 1 or not 0 < args.density < 1 or not 0 <= args.overlap < 1:
@@ -297,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--floor-worker"]:
         floor_worker(argv[1:])
         return 0
+    if argv[:1] == ["--copy-worker"]:
+        copy_worker(argv[1:])
+        return 0
     if argv[:1] == ["--generate-worker"]:
         generate_worker(parse_args(argv[1:]))
         return 0
@@ -314,17 +359,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     load_before = os.getloadavg()[0]
-    floor = floor_command(SCRIPT, wl.base, wl.agents, wl.root / "out-floor")
-    rows = [Row("floor", floor, "read all inputs once -> fp32, write 1 output")]
-    run_row(rows[0], wl.root / "out-floor", wl, args)
     prefix = shlex.split(args.cli)
     extra = shlex.split(args.extra_args)
+    if any(m.partition("#")[0].endswith("@store") for m in args.methods.split(",")):
+        ensure_store(prefix, wl)  # made before any timing, not inside a row
+    floor = floor_command(SCRIPT, wl.base, wl.agents, wl.root / "out-floor")
+    rows = [
+        Row(
+            "floor", floor, "whole command: start-up + read all inputs once -> fp32, write 1 output"
+        )
+    ]
+    run_row(rows[0], wl.root / "out-floor", wl, args)
+    startup = Row("start-up", startup_command(), "python -c 'import torch, safetensors'")
+    rows.append(run_row(startup, None, wl, args))
+    inside = _in_process(rows[0])
+    if inside is not None:
+        rows.insert(1, Row("floor (in-process)", [], "the floor's own timing, start-up excluded"))
+        rows[1].walls = [inside]
+    copy = Row("copy base", copy_command(SCRIPT, wl.base, wl.root / "out-copy"),
+               "whole command: copy the base unconverted into a new sharded model")  # fmt: skip
+    rows.append(run_row(copy, wl.root / "out-copy", wl, args))
     for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        out = wl.root / f"out-{spec.replace(':', '-')}"
+        out = wl.root / f"out-{spec.replace(':', '-').replace('#', '-t')}"
         row = Row(spec, merge_command(prefix, wl, spec, out, extra), method_args(spec)[1])
         rows.append(run_row(row, out, wl, args))
+    if args.snapshot:
+        agent = wl.agents[0]
+        out = wl.root / "out-snapshot"
+        cmd = [*prefix, "snapshot", "--base", str(wl.base), "--model", str(agent), "--store"]
+        cmd += [str(out), "--agent", agent.name, "--step", "1"]
+        rows.append(
+            run_row(Row("snapshot", cmd, f"ram-trl snapshot of {agent.name}"), out, wl, args)
+        )
+    if args.mergekit:
+        for method in ("ram", "ramplus_tl"):
+            out = wl.root / f"out-mergekit-{method}"
+            row = Row(f"mergekit {method}", mergekit_command(args.mergekit, wl, method, out), "")
+            rows.append(run_row(row, out, wl, args))
 
     floor_wall = rows[0].wall_s
+    copy_wall = copy.wall_s
+    for row in rows:
+        if "@store" in row.method and row.walls and copy.walls:
+            row.notes += f"; x copy base {row.wall_s / copy_wall:.2f}"
     report = {
         "workload": {
             **wl.stamp["args"],

@@ -9,8 +9,12 @@ of them. :class:`TensorView` is one tensor as a merge method's ``prepare_tensor`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,14 +94,35 @@ def read_chunk(
     widening anything, and only those are turned into float32 deltas; a chunk with more than
     ``SPARSE_LIMIT`` of them (or ``sparse=False``, for rules that need every position) is
     processed densely. Either way the deltas are the same float32 numbers, and non-finite base
-    or agent values are refused.
+    or agent values are refused. With a :class:`ReadAhead` open on ``inputs``, the chunk may
+    already have been read on its thread.
     """
+    ahead = inputs.read_ahead
+    if ahead is not None:
+        return ahead.read(name, start, stop, device, sparse)
+    return _read_chunk(inputs, name, start, stop, device, sparse)
+
+
+def _read_chunk(
+    inputs: MergeInputs,
+    name: str,
+    start: int,
+    stop: int,
+    device: torch.device | str,
+    sparse: bool,
+) -> Chunk:
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
-    agents = [read_rows(s, name, start, stop).reshape(-1) for s in inputs.agents.values()]
-    index = _candidates(base, agents) if sparse else None
+    found = _changed_values(inputs, name, start, stop, base) if sparse else None
+    if found is not None:  # sparse sources said where they differ: only those are read
+        index, agents, picked = found
+    else:
+        agents = [read_rows(s, name, start, stop).reshape(-1) for s in inputs.agents.values()]
+        index = _candidates(base, agents) if sparse else None
+        if index is not None:
+            agents = [a.index_select(0, index) for a in agents]
+            picked = base.index_select(0, index)
     if index is not None:
-        base32 = base[index].to(device=device, dtype=torch.float32)
-        agents = [a[index] for a in agents]
+        base32 = picked.to(device=device, dtype=torch.float32)
     else:
         base32 = base.to(device=device, dtype=torch.float32)
     deltas = torch.empty((len(agents), base32.numel()), dtype=torch.float32, device=device)
@@ -105,9 +130,9 @@ def read_chunk(
         torch.sub(values.to(device), base32, out=deltas[row])  # widens on the fly
         if values.dtype == base.dtype:
             continue
-        picked = base if index is None else base[index]
-        reference = compared_base(picked, values.dtype)
-        if reference is not picked:  # a narrower agent: rounding the base is no change
+        at = base if index is None else picked
+        reference = compared_base(at, values.dtype)
+        if reference is not at:  # a narrower agent: rounding the base is no change
             same = _bits(values) == _bits(reference)
             deltas[row].masked_fill_(same.to(device), 0.0)
     # One float32 reduction is ~20x cheaper than isfinite() on bf16 inputs; a NaN or Inf anywhere
@@ -137,6 +162,66 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
         differs = changed if differs is None else differs | changed
     index = torch.from_numpy(np.flatnonzero(differs.numpy()))  # ~5x faster than torch.nonzero
     return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
+
+
+def _changed_values(
+    inputs: MergeInputs, name: str, start: int, stop: int, base: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None:
+    """The candidates of a chunk, every agent's values there and the base's, from sources that
+    know where they differ from the base (task-vector snapshots: ``changed_rows``), without
+    reading their other elements. None when some agent cannot say (a checkpoint, a dense or
+    wider snapshot tensor) or when the chunk has too many candidates: then :func:`read_chunk`
+    reads it whole.
+
+    The result is exactly :func:`_candidates`' on the rebuilt rows: outside the union of the
+    stored positions every agent equals the base bit for bit, and inside it only the positions
+    whose bits differ for some agent are kept, so the chunk and the merge are the same bits.
+    """
+    view = _BIT_VIEWS.get(base.dtype.itemsize)
+    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+        return None
+    stored = []
+    for source in inputs.agents.values():
+        changed_rows = getattr(source, "changed_rows", None)
+        got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
+        if got is None or got[1].dtype != base.dtype:
+            return None
+        stored.append(got)
+    marked, slot, count = _scratch(base.numel())
+    for positions, _ in stored:
+        marked.index_fill_(0, positions, True)
+    index = torch.from_numpy(np.flatnonzero(marked.numpy()))
+    slot.index_copy_(0, index, count[: index.numel()])  # position -> its place in ``index``
+    picked, agents = base.index_select(0, index), []
+    differs = torch.zeros(index.numel(), dtype=torch.bool)
+    for positions, values in stored:
+        place = slot.index_select(0, positions).to(torch.int64)
+        agents.append(picked.clone().index_copy_(0, place, values))
+        differs |= _bits(agents[-1]) != _bits(picked)
+    if not bool(differs.all()):  # a stored value equal to the base's is no change
+        keep = torch.from_numpy(np.flatnonzero(differs.numpy()))
+        index, picked = index[keep], picked[keep]
+        agents = [a[keep] for a in agents]
+    if index.numel() > SPARSE_LIMIT * base.numel():
+        return None
+    return index, agents, picked
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A zeroed bool mask, an int32 map and ``arange`` of ``numel`` elements, reused chunk after
+    chunk by each thread: fresh memory costs a page fault per page, more than the work done in
+    it."""
+    have = getattr(_SCRATCH, "buffers", None)
+    if have is None or have[0].numel() < numel:
+        size = max(numel, CHUNK_ELEMENTS)
+        have = (torch.zeros(size, dtype=torch.bool), torch.empty(size, dtype=torch.int32))
+        _SCRATCH.buffers = have = (*have, torch.arange(size, dtype=torch.int32))
+    marked = have[0][:numel]
+    marked.zero_()
+    return marked, have[1][:numel], have[2]
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -237,3 +322,76 @@ class TensorView:
 def _magnitudes(chunk: Chunk) -> tuple[torch.Tensor, int]:
     """|deltas| at the chunk's candidates, and how many implicit zeros each row has besides."""
     return chunk.deltas.abs(), chunk.numel - chunk.deltas.shape[1]
+
+
+def default_threads() -> int:
+    """Threads a merge uses: ``RAM_TRL_THREADS`` if set, else every usable core, at most 4
+    (one reads, one merges, one writes; more only helps the counting pass)."""
+    value = os.environ.get("RAM_TRL_THREADS")
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise InputError(f"RAM_TRL_THREADS={value!r} must be a positive integer") from None
+        if threads < 1:
+            raise InputError(f"RAM_TRL_THREADS={value!r} must be a positive integer")
+        return threads
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class ReadAhead:
+    """Reads the chunk a merge will most likely ask for next on a background thread, while the
+    current one is merged and written: the next row chunk of the same tensor, or the first of
+    the next floating-point tensor in ``names``.
+
+    A guess that turns out wrong (TIES' second sweep over a tensor, a dense read) costs one
+    chunk read for nothing; the chunk asked for is then read on the caller's thread. At most two
+    chunks are in flight besides the caller's, so memory stays bounded. The chunks are exactly
+    those :func:`read_chunk` reads without it (same function, another thread); errors are raised
+    to the caller when it asks for that chunk. Open it with ``with``; it sets
+    ``inputs.read_ahead`` while open.
+    """
+
+    def __init__(self, inputs: MergeInputs, names: Sequence[str]) -> None:
+        self.inputs = inputs
+        spans = []
+        for name in names:
+            info = inputs.base.tensors[name]
+            if info.dtype.is_floating_point:
+                spans += [(name, start, stop) for start, stop in row_chunks(tuple(info.shape))]
+        self._next = {span: after for span, after in zip(spans, spans[1:], strict=False)}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ram-trl-read")
+        self._pending: tuple[tuple, Future] | None = None
+        self._lock = threading.Lock()
+
+    def read(
+        self, name: str, start: int, stop: int, device: torch.device | str, sparse: bool
+    ) -> Chunk:
+        key = (name, start, stop, str(device), sparse)
+        with self._lock:
+            pending, self._pending = self._pending, None
+            future = pending[1] if pending is not None and pending[0] == key else None
+            after = self._next.get((name, start, stop))
+            if future is None:  # a wrong guess: read it here, guess again from it
+                future = Future()
+                future.set_result(None)
+            if after is not None:
+                guess = (*after, str(device), sparse)
+                self._pending = (guess, self._pool.submit(self._read, *after, device, sparse))
+        chunk = future.result()
+        return chunk if chunk is not None else self._read(name, start, stop, device, sparse)
+
+    def _read(self, name: str, start: int, stop: int, device: Any, sparse: bool) -> Chunk:
+        return _read_chunk(self.inputs, name, start, stop, device, sparse)
+
+    def __enter__(self) -> ReadAhead:
+        self.inputs.read_ahead = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inputs.read_ahead = None
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()
+        self._pool.shutdown(wait=True)

@@ -8,11 +8,15 @@ every value. :func:`agent_stats` turns the histograms and the method's plan into
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
-from ram_trl.merging.chunks import iter_chunks
+from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
 from ram_trl.merging.report import AgentStats
 from ram_trl.methods import ModelPlan, OverlapCounts, change_mask, overlap_histogram
@@ -27,24 +31,60 @@ def count_overlaps(
     progress: bool = True,
     desc: str = "counting",
     names: Collection[str] | None = None,
+    threads: int | None = None,
 ) -> OverlapCounts:
     """An overlap histogram ``(N, N)`` per floating-point tensor (of ``names`` only, when
     given: a rank's part of a split merge), changes counted as ``|tau| > epsilon``. Also
-    validates every value."""
-    histograms = {}
+    validates every value.
+
+    With ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) chunks are
+    read and counted on that many threads, a few ahead of the one being summed: counts are
+    integers, so the histograms are the same whatever the order."""
+    threads = default_threads() if threads is None else threads
     n = len(inputs.agents)
-    with inputs.progress(progress, desc) as bar:
-        for name in inputs.names:
-            if names is not None and name not in names:
-                continue
-            info = inputs.base.tensors[name]
-            if is_float_tensor(info):
-                hist = torch.zeros((n, n), dtype=torch.int64)
-                for chunk in iter_chunks(inputs, name, device):
-                    hist += overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
-                histograms[name] = hist
-            bar.update(info.nbytes)
+
+    def count(name: str, start: int, stop: int) -> torch.Tensor:
+        chunk = read_chunk(inputs, name, start, stop, device)
+        return overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
+
+    histograms = {}
+    work = []
+    mine = [n for n in inputs.names if names is None or n in names]
+    for name in mine:
+        info = inputs.base.tensors[name]
+        if is_float_tensor(info):
+            histograms[name] = torch.zeros((n, n), dtype=torch.int64)
+            work += [(name, start, stop) for start, stop in row_chunks(tuple(info.shape))]
+    pool = ThreadPoolExecutor(threads, "ram-trl-count") if threads > 1 else None
+    with inputs.progress(progress, desc) as bar, pool or nullcontext():
+        tensors = [inputs.base.tensors[name] for name in mine]
+        bar.update(sum(i.nbytes for i in tensors if not is_float_tensor(i)))
+        parts = _in_order(pool, count, work, 2 * threads)
+        for (name, _, stop), part in zip(work, parts, strict=True):
+            histograms[name] += part
+            if stop == inputs.base.tensors[name].rows:
+                bar.update(inputs.base.tensors[name].nbytes)
     return OverlapCounts(n, histograms)
+
+
+def _in_order(
+    pool: ThreadPoolExecutor | None, fn: Callable[..., Any], items: list[tuple], window: int
+) -> Iterator[Any]:
+    """``fn(*item)`` for each item, in order, computed on ``pool`` at most ``window`` ahead."""
+    if pool is None:
+        yield from (fn(*item) for item in items)
+        return
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def agent_stats(

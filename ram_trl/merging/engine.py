@@ -8,6 +8,10 @@ an output sink (safetensors shards, or a LoRA adapter). I/O cost: ``ram`` and th
 every input byte once; methods that need overlap counts (RAM+, RAM+s, arm-r-v2) make a counting
 pass first, because the paper's rho is a whole-model quantity, so they read every byte twice;
 TIES reads a tensor larger than one chunk three times (two sweeps for its exact thresholds).
+Both passes use the cores: the counting pass counts chunks on several threads, and the merge
+reads the next chunk and writes the last one on their own threads (``threads``, same bytes).
+A one-pass RAM+ that patches the output afterwards would rewrite nearly every page of it (see
+benchmarks/README.md), which costs more disk time here than the counting pass costs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,9 @@ from ram_trl.io import (
 )
 from ram_trl.merging.chunks import (
     Chunk,
+    ReadAhead,
     TensorView,
+    default_threads,
     finite_bits,
     largest_agents,
     resolve_device,
@@ -48,7 +55,7 @@ from ram_trl.merging.inputs import (
     open_inputs,
 )
 from ram_trl.merging.report import AdapterReport, MergeReport
-from ram_trl.merging.sinks import ModelSink, OutputSink
+from ram_trl.merging.sinks import BackgroundSink, ModelSink, OutputSink
 from ram_trl.merging.split import Split
 from ram_trl.methods import CHANGE_EPSILON, MergeMethod, ModelPlan, get_method
 
@@ -89,6 +96,7 @@ def merge(
     lora_max_error: float | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     split: Split | None = None,
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
 
@@ -101,7 +109,9 @@ def merge(
     ``dry_run`` every input is validated (headers, shapes, finiteness) and the statistics are
     computed, but nothing is written. ``extra_files`` (name -> content) join the folder before
     it is published, so that a record a store keeps with its merges (``merge_inputs.json``) is
-    never missing from one.
+    never missing from one. ``threads``: how many threads read, count, merge and write at once
+    (default ``RAM_TRL_THREADS``, else the usable cores up to 4; 1 runs everything on this
+    thread); the output is the same bits whatever the number.
 
     ``split`` (``Split.from_torch()``, called on every rank of a ``torch.distributed`` job)
     divides the work between the ranks and writes the same folder, byte for byte, but for the
@@ -138,7 +148,7 @@ def merge(
             with split.together():
                 counts = count_overlaps(
                     inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
-                    progress=progress, names=split.counted(inputs),
+                    progress=progress, names=split.counted(inputs), threads=threads,
                 )  # fmt: skip
             counts = split.combine(counts, inputs)
         plan = spec.prepare_model(params, counts)
@@ -187,7 +197,9 @@ def merge(
                     max_error=lora_max_error,
                 )
             mine = specs if share is None else share.specs
-            report.files = merge_into(sink, inputs, spec, params, plan, mine, device, progress)
+            report.files = merge_into(
+                sink, inputs, spec, params, plan, mine, device, progress, threads=threads
+            )
             if share is not None:
                 report.files = share.files
             if lora_rank is not None:
@@ -223,10 +235,22 @@ def merge_into(
     specs: list[TensorSpec],
     device: torch.device,
     progress: bool,
+    *,
+    threads: int | None = None,
 ) -> list[str]:
-    """Merge every tensor into ``sink`` and close it; returns the files it wrote."""
+    """Merge every tensor into ``sink`` and close it; returns the files it wrote.
+
+    Tensors are merged one at a time in ``specs`` order (any subset of the model's). With
+    ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) the next chunk is
+    read on one thread and the last one written on another while this one is merged; the bytes
+    are the same as with one thread.
+    """
+    threads = default_threads() if threads is None else threads
+    if threads > 1:
+        sink = BackgroundSink(sink)
+    ahead = ReadAhead(inputs, [out.name for out in specs]) if threads > 1 else nullcontext()
     try:
-        with inputs.progress(progress, f"merging ({spec.name})") as bar:
+        with ahead, inputs.progress(progress, f"merging ({spec.name})") as bar:
             for out in specs:
                 name, shape = out.name, out.shape
                 info = inputs.base.tensors[name]
@@ -268,7 +292,7 @@ def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     rows = chunk.base.to(dtype, copy=True)
     if dtype != chunk.base.dtype and not finite_bits(rows):
         return None
-    rows[chunk.index] = values
+    rows.index_copy_(0, chunk.index, values)  # ~40x faster than rows[index] = values
     return rows
 
 

@@ -30,6 +30,8 @@ class MergeInputs:
     names: list[str]  # tensor names in the base's on-disk order
     #: (tensor, first row) of the chunks already checked for NaN/Inf, so a second pass skips them
     checked: set[tuple[str, int]] = field(default_factory=set)
+    #: a ``ram_trl.merging.chunks.ReadAhead`` reading the next chunk in the background, or None
+    read_ahead: Any = None
 
     @property
     def agent_names(self) -> list[str]:

@@ -8,6 +8,8 @@ a LoRA adapter instead, so neither needs a dense merged model on disk.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -47,3 +49,54 @@ class ModelSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+class BackgroundSink:
+    """Hands another sink its chunks on a writer thread, so that writing (and a LoRA sink's
+    SVDs) overlaps reading and merging the next chunks.
+
+    The queue holds at most ``depth`` chunks, so a slow disk makes the merge wait instead of
+    buffering the model. The chunks reach the sink in the order they were written, on one
+    thread, so the files are the same bytes. The first error the sink raises is raised again
+    from the next :meth:`write` or from :meth:`close`.
+    """
+
+    def __init__(self, sink: OutputSink, depth: int = 2) -> None:
+        self.sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ram-trl-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None or self._stop.is_set():
+                continue  # drain: the merge stops at its next write
+            try:
+                self.sink.write(*item)
+            except BaseException as e:  # noqa: BLE001 - raised again on the merge's thread
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, rows: torch.Tensor, base: torch.Tensor) -> None:
+        self._raise()
+        self._queue.put((name, rows, base))
+
+    def close(self) -> list[str]:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        return self.sink.close()
+
+    def abort(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join()
+        self.sink.abort()
