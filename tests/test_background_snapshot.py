@@ -212,6 +212,7 @@ def test_watcher_job_waits_for_the_merge_of_its_final_snapshot(base, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if ignored here
     )
     try:
         deadline = time.monotonic() + 120

@@ -362,8 +362,9 @@ class AgentRun:
         )
         deadline = time.monotonic() + cfg.watcher_timeout
         while not merged():
-            if time.monotonic() > deadline or not watcher_running(self.store):
-                why = "timed out" if time.monotonic() > deadline else "the watcher stopped"
+            expired = time.monotonic() > deadline
+            if expired or not watcher_running(self.store):
+                why = "timed out" if expired else "the watcher stopped"
                 warnings.warn(
                     f"agent {agent!r}: {why} before the watcher merged its final snapshot (step "
                     f"{step}): the final evaluation is of an older merged model, if any",
