@@ -35,3 +35,8 @@ def describe_os_error(error: OSError) -> str:
     if error.filename is not None:
         cause += f" ({os.fsdecode(error.filename)})"
     return cause
+
+
+class RankError(RAMError):
+    """Another rank of a job split across processes failed (its message is in this one): every
+    rank stops together, none waits forever at a collective."""

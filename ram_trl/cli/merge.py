@@ -164,8 +164,22 @@ def _config(args: argparse.Namespace):
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    """One merge; under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) split across
+    the ranks (a process group is started when none is up), rank 0 printing the outcome."""
+    from ram_trl.merging.split import Split, init_from_env
+
     config = _config(args)
-    report = config.run(dry_run=args.dry_run, progress=not args.quiet)
+    started = init_from_env(config.device)
+    try:
+        split = Split.from_torch()
+        report = config.run(dry_run=args.dry_run, progress=not args.quiet, split=split)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not split.is_main:
+        return 0
     print_agents(report)
     if args.dry_run:
         print(f"dry run: {len(report.agents)} agent(s) and the base are valid; nothing written")

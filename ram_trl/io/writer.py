@@ -398,13 +398,7 @@ class ShardedWriter:
         }
 
     def _write_index(self) -> None:
-        weight_map = {spec.name: s.path.name for s in self._shards for spec in s.specs}
-        total = sum(spec.nbytes for s in self._shards for spec in s.specs)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(self.directory / self._index_name, "w", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_index(self.directory, {s.path.name: s.specs for s in self._shards}, self._basename)
 
     @property
     def _index_name(self) -> str:
@@ -431,6 +425,22 @@ class ShardedWriter:
             self.close()
         else:
             self.abort()
+
+
+def write_index(
+    directory: Path, layout: Mapping[str, Sequence[TensorSpec]], basename: str = "model"
+) -> Path:
+    """``model.safetensors.index.json`` of the files ``layout`` names (file -> its tensors),
+    flushed to disk; returns its path."""
+    weight_map = {spec.name: file for file, specs in layout.items() for spec in specs}
+    total = sum(spec.nbytes for specs in layout.values() for spec in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    path = Path(directory) / INDEX_NAME.replace("model", basename, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:

@@ -12,6 +12,7 @@ A recipe holds the same fields as the ``ram-trl merge`` flags::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,11 +98,28 @@ class MergeConfig:
             params["rho_scope"] = self.rho_scope
         return params
 
-    def run(self, *, dry_run: bool = False, progress: bool = True):
-        from ram_trl.merging.engine import merge
+    def pinned(self) -> list[str]:
+        """The store's snapshots this merge takes, as ``NAME@STEP`` (the newest now, for a bare
+        ``NAME``): what every rank of a split merge opens, resolved once, on rank 0."""
+        from ram_trl.snapshot import SnapshotStore
+        from ram_trl.snapshot.store import resolve_store_agents
 
+        resolved = resolve_store_agents(SnapshotStore(str(self.store), create=False), self.agents)
+        return [f"{name}@{path.name.removeprefix('step-')}" for name, path in resolved.items()]
+
+    def run(self, *, dry_run: bool = False, progress: bool = True, split: Any = None):
+        """The merge; ``split`` (a :class:`~ram_trl.merging.split.Split`) on every rank of a
+        ``torch.distributed`` job divides it between the ranks."""
+        from ram_trl.merging.engine import merge
+        from ram_trl.merging.split import Split
+
+        split = split or Split()
         check_dataclass(self)  # fields may have been set since construction (the CLI does)
-        base, agents = self.sources()
+        config = self
+        if split.active and self.store is not None:  # every rank merges the same snapshots
+            config = dataclasses.replace(self, agents=split.on_main(self.pinned))
+        with split.together():
+            base, agents = config.sources()
         return merge(
             base,
             agents,
@@ -116,6 +134,7 @@ class MergeConfig:
             progress=progress,
             lora_rank=self._lora_rank(),
             lora_max_error=self.lora_max_error,
+            split=split,
         )
 
     def _lora_rank(self) -> int | str | None:

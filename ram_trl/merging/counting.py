@@ -8,6 +8,8 @@ every value. :func:`agent_stats` turns the histograms and the method's plan into
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from ram_trl.merging.chunks import iter_chunks
@@ -24,13 +26,17 @@ def count_overlaps(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "counting",
+    names: Collection[str] | None = None,
 ) -> OverlapCounts:
-    """An overlap histogram ``(N, N)`` per floating-point tensor, changes counted as
-    ``|tau| > epsilon``. Also validates every value."""
+    """An overlap histogram ``(N, N)`` per floating-point tensor (of ``names`` only, when
+    given: a rank's part of a split merge), changes counted as ``|tau| > epsilon``. Also
+    validates every value."""
     histograms = {}
     n = len(inputs.agents)
     with inputs.progress(progress, desc) as bar:
         for name in inputs.names:
+            if names is not None and name not in names:
+                continue
             info = inputs.base.tensors[name]
             if is_float_tensor(info):
                 hist = torch.zeros((n, n), dtype=torch.int64)

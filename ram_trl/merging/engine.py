@@ -27,7 +27,6 @@ from ram_trl.errors import InputError, OutputExistsError
 from ram_trl.io import (
     TensorSpec,
     WeightSource,
-    atomic_directory,
     copy_model_files,
     parse_size,
     read_rows,
@@ -50,6 +49,7 @@ from ram_trl.merging.inputs import (
 )
 from ram_trl.merging.report import AdapterReport, MergeReport
 from ram_trl.merging.sinks import ModelSink, OutputSink
+from ram_trl.merging.split import Split
 from ram_trl.methods import CHANGE_EPSILON, MergeMethod, ModelPlan, get_method
 
 #: the output dtypes a user may ask for, by the names they type (not safetensors codes)
@@ -88,6 +88,7 @@ def merge(
     lora_rank: int | str | None = None,
     lora_max_error: float | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    split: Split | None = None,
 ) -> MergeReport:
     """Merge ``agents`` (name -> model folder or weight source) of ``base`` into ``out``.
 
@@ -101,6 +102,11 @@ def merge(
     computed, but nothing is written. ``extra_files`` (name -> content) join the folder before
     it is published, so that a record a store keeps with its merges (``merge_inputs.json``) is
     never missing from one.
+
+    ``split`` (``Split.from_torch()``, called on every rank of a ``torch.distributed`` job)
+    divides the work between the ranks and writes the same folder, byte for byte, but for the
+    timings in the card and the report (see :mod:`ram_trl.merging.split`); every rank returns
+    the report.
     """
     from ram_trl import __version__
 
@@ -109,24 +115,32 @@ def merge(
     out_dtype = parse_dtype(dtype)
     device = resolve_device(device)
     max_shard_bytes = parse_size(shard_size)
-    if out is None and not dry_run:
-        raise InputError("no output folder given (--out DIR)")
-    if out is not None and not dry_run:
-        check_output_disjoint(out, input_paths(base, agents))
-    if out is not None and not dry_run and Path(out).exists() and not overwrite:
-        raise OutputExistsError(
-            f"output folder {out} already exists; pass --overwrite to replace it"
-        )
-
+    split = split or Split()
+    progress = progress and split.is_main
     started = time.perf_counter()
-    with open_inputs(base, agents) as inputs:
+    with split.together():  # a bad input on any rank stops every rank here
+        if out is None and not dry_run:
+            raise InputError("no output folder given (--out DIR)")
+        if lora_rank is not None and split.active:
+            raise InputError("a LoRA output is not split across ranks: merge it in one process")
+        if out is not None and not dry_run:
+            check_output_disjoint(out, input_paths(base, agents))
+        if out is not None and not dry_run and Path(out).exists() and not overwrite:
+            raise OutputExistsError(
+                f"output folder {out} already exists; pass --overwrite to replace it"
+            )
+        inputs = open_inputs(base, agents)
+
+    with inputs:
         counts = None
         if spec.needs_counts or dry_run:
             epsilon = spec.change_epsilon(params)
-            counts = count_overlaps(
-                inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
-                progress=progress,
-            )  # fmt: skip
+            with split.together():
+                counts = count_overlaps(
+                    inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
+                    progress=progress, names=split.counted(inputs),
+                )  # fmt: skip
+            counts = split.combine(counts, inputs)
         plan = spec.prepare_model(params, counts)
         report = MergeReport(
             method=spec.name,
@@ -142,7 +156,7 @@ def merge(
         if counts is not None:
             report.seconds["count_pass"] = time.perf_counter() - started
             for agent in report.agents:
-                if agent.changed == 0:
+                if agent.changed == 0 and split.is_main:
                     warnings.warn(
                         f"agent {agent.name!r} ({inputs.agents[agent.name].path}) changed no "
                         "element beyond epsilon: is it the base model?",
@@ -153,10 +167,13 @@ def merge(
             return report
 
         merging = time.perf_counter()
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            specs = _output_specs(inputs, out_dtype)
+        specs = _output_specs(inputs, out_dtype)
+        share = split.share(inputs, specs, max_shard_bytes)  # None in one process
+        with split.publish(out, overwrite=overwrite, share=share) as tmp:
             sink: OutputSink
-            if lora_rank is None:
+            if share is not None:
+                sink = share.sink(tmp)
+            elif lora_rank is None:
                 sink = ModelSink(tmp, specs, max_shard_bytes)
             else:
                 from ram_trl.lora import LoraSink
@@ -169,15 +186,20 @@ def merge(
                     out=str(out),
                     max_error=lora_max_error,
                 )
-            report.files = merge_into(sink, inputs, spec, params, plan, specs, device, progress)
+            mine = specs if share is None else share.specs
+            report.files = merge_into(sink, inputs, spec, params, plan, mine, device, progress)
+            if share is not None:
+                report.files = share.files
             if lora_rank is not None:
                 report.lora = AdapterReport.of(sink.report)  # type: ignore[attr-defined]
-            _write_metadata(tmp, inputs, report, out_dtype)
+            if split.is_main:
+                _write_metadata(tmp, inputs, report, out_dtype)
             report.seconds["merge_pass"] = time.perf_counter() - merging
             report.seconds["total"] = time.perf_counter() - started
-            (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
+            if split.is_main:
+                (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                for name, data in (extra_files or {}).items():
+                    (tmp / name).write_bytes(data)
     return report
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from ram_trl.errors import InputError
 from ram_trl.merging.engine import REPORT_NAME
 from ram_trl.merging.report import MergeReport
+from ram_trl.merging.split import Split
 
 
 def latest_snapshots(store: Any) -> dict[str, str]:
@@ -92,6 +93,7 @@ def merge_snapshots(
     lora_rank: int | str = 16,
     lora_max_error: float | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    split: Split | None = None,
 ) -> MergeReport:
     """Merge ``snapshots`` (agent -> snapshot folder) over ``base`` into ``out`` with
     ``ram_trl.merge``: a full model folder, or with ``output="lora"`` a LoRA adapter of rank
@@ -114,6 +116,7 @@ def merge_snapshots(
         lora_max_error=lora_max_error,
         progress=False,
         extra_files=extra_files,
+        split=split,
     )
 
 
@@ -124,16 +127,64 @@ def merge_store(
     *,
     wait: bool = True,
     keep_last_merged: int | None = None,
+    split: Split | None = None,
 ) -> MergeOutcome | None:
     """Merge the newest snapshot of every agent of ``store`` unless that state is merged already.
 
     Returns None when the store holds fewer than ``settings.min_agents`` agents, or when another
     process is merging this very state and ``wait`` is false; otherwise the entry (made here, or
     reused). ``keep_last_merged`` prunes older entries after publishing.
+
+    With ``split`` (called on every rank of a job, a full-model output only), rank 0 reads the
+    store and claims its state, every rank learns the one decision, and the merge is split
+    across the ranks (:mod:`ram_trl.merging.split`); rank 0 publishes.
     """
     from ram_trl.snapshot.merged import INPUTS_FILE
 
+    split = split or Split()
     started = time.perf_counter()
+    held: list[Any] = []  # rank 0: the claim of the state being merged
+
+    def decide() -> tuple[Any, ...]:
+        found = _claim(store, settings, wait, started)
+        if not isinstance(found, tuple):
+            return ("found", found)
+        claim, refs = found
+        held.append(claim)
+        paths = {agent: str(ref.path) for agent, ref in refs.items()}
+        return ("merge", paths, str(claim.entry.path), claim.record_bytes())
+
+    decision = split.on_main(decide)
+    if decision[0] == "found":
+        return decision[1]
+    _, paths, out, record = decision
+    try:
+        merge_snapshots(
+            str(base),
+            paths,
+            out,
+            **settings.merge_kwargs(),
+            extra_files={INPUTS_FILE: record},
+            split=split,
+        )
+    except BaseException:
+        for claim in held:
+            claim.release()
+        raise
+
+    def publish() -> Any:
+        held[0].publish(keep_last_merged)
+        return held[0].entry
+
+    return MergeOutcome(split.on_main(publish), True, time.perf_counter() - started)
+
+
+def _claim(
+    store: Any, settings: MergeSettings, wait: bool, started: float
+) -> MergeOutcome | None | tuple[Any, dict[str, Any]]:
+    """The store's newest state: its entry (reused, or made by a process we waited for), None
+    (too few agents; or being made elsewhere and ``wait`` is false), or our claim to make it
+    and the snapshots it holds."""
     while True:
         refs = {a: r for a in store.agents() if (r := store.latest(a)) is not None}
         if len(refs) < settings.min_agents:
@@ -148,20 +199,7 @@ def merge_store(
             if entry is not None:
                 return MergeOutcome(entry, False, time.perf_counter() - started)
             continue  # its process failed or died: look again, and make it ourselves
-        break
-    try:
-        merge_snapshots(
-            str(base),
-            {agent: str(ref.path) for agent, ref in refs.items()},
-            str(claim.entry.path),
-            **settings.merge_kwargs(),
-            extra_files={INPUTS_FILE: claim.record_bytes()},
-        )
-    except BaseException:
-        claim.release()
-        raise
-    claim.publish(keep_last_merged)
-    return MergeOutcome(claim.entry, True, time.perf_counter() - started)
+        return claim, refs
 
 
 class BackgroundMerge:

@@ -12,8 +12,12 @@ written by hand, a veRL-style worker) drives one agent of a multi-agent run thro
     log(run.close())                      # a background merge still running, finished
 
 Every call is made on every rank (gathers of ZeRO-3 / FSDP2 weights are collective); rank 0
-writes, merges, evaluates and returns the metrics, the others return ``{}`` after a barrier.
-The ranks come from ``torch.distributed`` unless given (``Ranks.from_accelerator``).
+writes, evaluates and returns the metrics, the others return ``{}`` after a barrier.
+The ranks come from ``torch.distributed`` unless given (``Ranks.from_accelerator``). An
+in-process merge (``merge="self"``, a full-model output) of a job with several ranks is split
+across them (:mod:`ram_trl.merging.split`): rank 0 decides whether one is due and which state
+of the store it merges, every rank learns that one decision and merges its share; a background
+merge is one subprocess of rank 0.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ram_trl.evaluation import TrainerContext
 from ram_trl.lora import density_warning, is_peft_model, root_module
 from ram_trl.merging.engine import parse_dtype
 from ram_trl.merging.report import MergeReport
+from ram_trl.merging.split import Split
 from ram_trl.training.capture import (
     BASE_DIR,
     BackgroundSnapshots,
@@ -134,6 +139,8 @@ class AgentRun:
     ) -> None:
         self.model, self.config, self.tokenizer = model, as_config(config), tokenizer
         self.ranks = ranks if ranks is not None else Ranks.from_torch()
+        output = self.config.merge_output  # an adapter is re-factorized whole, on rank 0
+        self._split = Split.from_torch() if output == "model" else Split()
         self.device = device
         self.store = _open_store(self.config.store)
         self.peft = is_peft_model(self.model)
@@ -147,7 +154,9 @@ class AgentRun:
         self._dtype = parse_dtype(self.config.snapshot_dtype)
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
-        self._writer = BackgroundSnapshots() if self.config.background_snapshots else None
+        # a merge split across the ranks follows its snapshot on every rank: no deferring it
+        background = self.config.background_snapshots and not self._splits
+        self._writer = BackgroundSnapshots() if background else None
         self._merge_due: int | None = None  # a merge due once the snapshot in flight lands
         self._coalesce = False  # snapshots arrived while a background merge ran
         self._logged_entry: str | None = None  # the merged entry last logged / evaluated
@@ -264,7 +273,7 @@ class AgentRun:
     def merge(self, step: int) -> dict[str, float]:
         """Merge the store's newest snapshots now (when it holds ``min_agents``), in process or
         in the background, and evaluate the result."""
-        logs = self._merge(step) if self.is_main else {}
+        logs = self._merge(step) if self.is_main or self._splits else {}
         self.ranks.barrier()
         return logs
 
@@ -275,10 +284,12 @@ class AgentRun:
         logs = self._snapshot(step)
         self._step = step
         every = self.config.merge_every
-        due = self.is_main and self._merges_here and every and self._snapshots % every == 0
-        if due and self._writer is not None:
+        due = bool(self._merges_here and every and self._snapshots % every == 0)
+        if self._splits:  # a split merge: rank 0's decision, on every rank
+            due = self._split.on_main(lambda: due)
+        if due and self._writer is not None and self.is_main:
             self._merge_due = step  # started by poll() once the snapshot is published
-        elif due:
+        elif due and (self.is_main or self._splits):
             logs.update(self._merge(step))
         elif self.is_main and not self._merges_here and self.config.eval_every_steps is None:
             latest = self.store.merged.latest()  # a watcher's merge: evaluated when it is new
@@ -312,20 +323,22 @@ class AgentRun:
             logs.update(self._finish_snapshot(close=True))
             if due is not None:  # as if the snapshot had been published in the call
                 logs.update(self._merge(due))
+        if self.is_main and self.config.merge == "watcher":
+            self._wait_for_watcher()
+        if self.is_main and self._background is not None:
+            logs.update(self._finish_background(step, restart=False))
+        final = bool(self._merges_here and self.config.merge_every)
+        if final and (self.is_main or self._splits):
+            outcome = merge_store(
+                self.store,
+                self._base(),
+                self.config.merge_settings,
+                keep_last_merged=self.config.keep_last_merged,
+                split=self._split if self._splits else None,
+            )
+            if self.is_main and outcome is not None and outcome.entry.name != self._logged_entry:
+                logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
         if self.is_main:
-            if self.config.merge == "watcher":
-                self._wait_for_watcher()
-            if self._background is not None:
-                logs.update(self._finish_background(step, restart=False))
-            if self._merges_here and self.config.merge_every:
-                outcome = merge_store(
-                    self.store,
-                    self._base(),
-                    self.config.merge_settings,
-                    keep_last_merged=self.config.keep_last_merged,
-                )
-                if outcome is not None and outcome.entry.name != self._logged_entry:
-                    logs.update(self._outcome_logs(outcome, step, "ram/merge_seconds"))
             latest = self.store.merged.latest()
             if latest is not None and latest.name != self._evaluated:
                 logs.update(self._evaluate(latest))  # the final generalist
@@ -376,6 +389,11 @@ class AgentRun:
     @property
     def _merges_here(self) -> bool:
         return self.config.merge == "self"
+
+    @property
+    def _splits(self) -> bool:
+        """In-process merges run on every rank, split across them."""
+        return self._merges_here and self._split.active and not self.config.merge_background
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -486,7 +504,10 @@ class AgentRun:
                 cfg.merge_settings,
                 wait=False,
                 keep_last_merged=cfg.keep_last_merged,
+                split=self._split if self._splits else None,
             )
+            if not self.is_main:
+                return {}
             return self._outcome_logs(outcome, step, "ram/merge_seconds")
         if self._background is None:
             self._start_background(step)

@@ -10,6 +10,8 @@ It runs the example's ``main`` unchanged, after wrapping (observation only, noth
   sharded;
 * ``capture.snapshot_model``: the path each rank published (None off the main rank);
 * ``SnapshotStore.put``: every publish call, per rank;
+* ``jobs.merge_snapshots``: every merge a rank took part in (its output and the ranks the merge
+  was split across);
 * ``RAMCallback.on_train_end``: that the rank got there, its final ``log_history``, the
   distributed type, the DeepSpeed ZeRO stage and, under ZeRO-3, how many parameter elements
   this rank holds locally (partitioning is real when it is about half of the model).
@@ -36,14 +38,18 @@ def main() -> None:
     del argv[i : i + 2]
     record_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    record: dict = {"rank": rank, "checkpoints": [], "published": [], "puts": []}
+    record: dict = {"rank": rank, "checkpoints": [], "published": [], "puts": [], "merges": []}
 
     from ram_trl.callback import callback as cb
     from ram_trl.distributed import is_sharded
     from ram_trl.snapshot.store import SnapshotStore
-    from ram_trl.training import run
+    from ram_trl.training import jobs, run
 
-    snapshot_model, put = run.snapshot_model, SnapshotStore.put
+    snapshot_model, put, merge_snapshots = (
+        run.snapshot_model,
+        SnapshotStore.put,
+        jobs.merge_snapshots,
+    )
     checkpoint, on_train_end = run.AgentRun.snapshot_and_merge, cb.RAMCallback.on_train_end
 
     def rec_snapshot_model(*args, **kwargs):
@@ -58,6 +64,11 @@ def main() -> None:
     def rec_put(self, snapshot, agent, step, **kwargs):
         record["puts"].append([agent, step])
         return put(self, snapshot, agent, step, **kwargs)
+
+    def rec_merge(base, snapshots, out, **kwargs):
+        split = kwargs.get("split")
+        record["merges"].append([out, 1 if split is None else split.world])
+        return merge_snapshots(base, snapshots, out, **kwargs)
 
     def rec_train_end(self, args, state, control, **kwargs):
         result = on_train_end(self, args, state, control, **kwargs)
@@ -85,6 +96,7 @@ def main() -> None:
     run.AgentRun.snapshot_and_merge = rec_checkpoint
     cb.RAMCallback.on_train_end = rec_train_end
     SnapshotStore.put = rec_put
+    jobs.merge_snapshots = rec_merge
 
     import train_agent
 
