@@ -103,7 +103,13 @@ def test_background_merge_lag_and_final_merge(tiny_base_factory, tmp_path):
     runs = {}
     for seed, agent in enumerate(("a", "b")):
         model = AutoModelForCausalLM.from_pretrained(base)
-        cfg = RAMConfig(store=str(store), agent=agent, base=str(base), merge_background=True)
+        cfg = RAMConfig(
+            store=str(store),
+            agent=agent,
+            base=str(base),
+            merge_background=True,
+            snapshot_background=False,  # the merge starts in the call (background: next poll)
+        )
         runs[agent] = run = AgentRun(model, cfg)
         run.start()
         train(model, seed)

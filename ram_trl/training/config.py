@@ -55,6 +55,17 @@ class RAMConfig:
             the changes a saved checkpoint shows. Training in float32 and saving bf16, as RL
             frameworks do, an update below bf16 resolution is no change, as in the paper's
             checkpoints. ``None``: the model's own dtype.
+        snapshot_background: write snapshots in a background thread, so that training pauses
+            only to copy its weights into a buffer kept for the run (one model copy in the
+            snapshot dtype, in CPU memory; for PEFT, the LoRA deltas): comparing with theta_0,
+            encoding, writing, fsync and the atomic publish happen while training goes on. One
+            snapshot is in flight at a time: a save that finds the previous one still being
+            written waits for it (``ram/snapshot_pause_seconds`` includes that wait). Its
+            metrics (``ram/changed_fraction``, ...) are logged when it is published (the next
+            step end), and a failure is raised there, or at train end, which waits for it.
+            Under ZeRO-3 / FSDP2 the gathers stay in the pause. ``None`` (default): on when
+            this job does not merge in process right after its snapshots (``merge="watcher"``,
+            ``"never"``, or ``merge_background``).
         snapshot_epsilon: a snapshot keeps the elements with ``|tau| > snapshot_epsilon``; must
             not exceed the merge's epsilon. (Not ``epsilon``: ``GRPOConfig`` has one, and both
             configs parse side by side in ``HfArgumentParser``.)
@@ -64,6 +75,11 @@ class RAMConfig:
             job sharing the store may; they make one merge per state of the store, see
             ``ram_trl.snapshot.merged``); ``"watcher"``: a ``ram-trl watch STORE`` process does,
             and this job only snapshots; ``"never"``: nobody during training.
+        watcher_timeout: with ``merge="watcher"``, how long train end waits (seconds) for the
+            watcher's merge of this job's final snapshot, so that the job's final evaluation
+            and logs refer to a generalist holding it; a warning if it expires. No live
+            ``ram-trl watch`` of the store (it holds ``<store>/.watcher-*.lock``): a warning and
+            no wait. 0: never wait.
         merge_every: with ``merge="self"``, merge after every k-th snapshot (0: never merge).
         min_agents: merge only when the store holds at least this many agents.
         merge_method, merge_params, merge_dtype: as ``ram_trl.merge``'s method/params/dtype.
@@ -79,8 +95,10 @@ class RAMConfig:
             re-factorized by truncated SVD to rank ``lora_rank``, biases and norms carried whole).
         lora_rank, lora_max_error: the adapter's rank, or ``"auto"``: per module the smallest
             whose relative reconstruction error is at most ``lora_max_error``; a fixed rank
-            above that error is warned about (``ram/lora_error`` logs it). A command line
-            (``HfArgumentParser``) can give only an integer rank.
+            above that error is warned about (``ram/lora_error`` logs it). On a command line
+            (``HfArgumentParser`` / ``TrlParser``): ``--lora_rank 8`` or ``--lora_rank auto``
+            (annotated ``int | str | None`` because that parser then types the field as text;
+            ``None`` is refused).
         eval_tasks: evaluate the store's newest merged model (and the agent, and optionally the
             base) on these. Their reward functions are called once at construction (a broken
             one is an InputError naming the task and the function, before training starts).
@@ -109,9 +127,11 @@ class RAMConfig:
     snapshot_on_train_end: bool = True
     snapshot_epsilon: float = CHANGE_EPSILON
     snapshot_dtype: str | None = None
+    snapshot_background: bool | None = None
     keep_last: int | None = None
     overwrite: bool = False
     merge: str = "self"
+    watcher_timeout: float = 600.0
     merge_every: int = 1
     min_agents: int = 2
     merge_method: str = "ram_plus"
@@ -120,7 +140,7 @@ class RAMConfig:
     merge_background: bool = False
     keep_last_merged: int | None = None
     merge_output: str = "model"
-    lora_rank: int | str = 16
+    lora_rank: int | str | None = 16
     lora_max_error: float = 0.1
     eval_tasks: list[EvalTask] | str | None = field(default_factory=list)
     eval_every_steps: int | None = None
@@ -170,11 +190,14 @@ class RAMConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be None or an integer >= {low}, got {value!r}")
-        if isinstance(self.lora_rank, str) and self.lora_rank.isdigit():
-            self.lora_rank = int(self.lora_rank)
+        if isinstance(self.lora_rank, str) and self.lora_rank.strip().isdigit():
+            self.lora_rank = int(self.lora_rank)  # a command line's "8"
         rank = self.lora_rank
         if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise InputError(f"lora_rank must be an integer >= 1 or 'auto', got {rank!r}")
+        timeout = self.watcher_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InputError(f"watcher_timeout must be a number of seconds >= 0, got {timeout!r}")
         err = self.lora_max_error
         if isinstance(err, bool) or not isinstance(err, (int, float)) or not err >= 0:
             raise InputError(f"lora_max_error must be a number >= 0, got {err!r}")
@@ -210,6 +233,14 @@ class RAMConfig:
             if value is not None:
                 values[f.name] = value
         return GenerationSettings(**values)
+
+    @property
+    def background_snapshots(self) -> bool:
+        """Whether snapshots are written in the background (``snapshot_background``, or its
+        default: when no merge follows a snapshot in the training path)."""
+        if self.snapshot_background is not None:
+            return self.snapshot_background
+        return self.merge != "self" or self.merge_background
 
     @property
     def merge_settings(self) -> MergeSettings:

@@ -23,6 +23,7 @@ merge is one subprocess of rank 0.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -40,7 +41,14 @@ from ram_trl.lora import density_warning, is_peft_model, root_module
 from ram_trl.merging.engine import parse_dtype
 from ram_trl.merging.report import MergeReport
 from ram_trl.merging.split import Split
-from ram_trl.training.capture import BASE_DIR, snapshot_model, write_base
+from ram_trl.training.capture import (
+    BASE_DIR,
+    BackgroundSnapshots,
+    TakenWeights,
+    publish_taken,
+    snapshot_model,
+    write_base,
+)
 from ram_trl.training.config import RAMConfig
 from ram_trl.training.jobs import BackgroundMerge, MergeOutcome, merge_store
 from ram_trl.training.scoring import Scorer, timed
@@ -48,6 +56,8 @@ from ram_trl.training.weights import base_rename, cast_stream, iter_state, polic
 
 if TYPE_CHECKING:
     from ram_trl.snapshot.merged import MergedEntry
+
+logger = logging.getLogger(__name__)
 
 
 def as_config(config: RAMConfig | Mapping[str, Any] | str | os.PathLike) -> RAMConfig:
@@ -102,11 +112,19 @@ class AgentRun:
         ranks: which rank is the main one, and a barrier (default: ``torch.distributed``).
         device: where ``eval_device="train"`` evaluates (default: the model's device).
 
+    Snapshots in the background (``config.background_snapshots``): a call pauses only to copy
+    the weights (see :class:`~ram_trl.training.capture.BackgroundSnapshots`); the snapshot is
+    published by a thread, and its metrics come with the next call that finds it published
+    (:meth:`poll`, the next snapshot, :meth:`close`), as does a merge due after it and any
+    error it raised. :meth:`close` waits for it before the final merge.
+
     Metrics (the dicts the calls return): ``ram/changed_fraction``, ``ram/snapshot_mb``,
-    ``ram/snapshot_seconds``, and after a merge ``ram/merge_seconds`` (training paused),
-    ``ram/unique_share``, ``ram/rho/<agent>``, ``ram/lambda/<agent>``, ``ram/overlap/<agent>``,
-    ``eval_merged/<task>/reward``, ``eval_agent/<task>/reward`` and (``eval_base``)
-    ``eval_base/<task>/reward``.
+    ``ram/snapshot_seconds`` (writing it), ``ram/snapshot_pause_seconds`` (training paused for
+    it: all of it, or in the background the copy and any wait for the previous one, which
+    ``ram/snapshot_wait_seconds`` gives), and after a merge ``ram/merge_seconds`` (training
+    paused), ``ram/unique_share``, ``ram/rho/<agent>``, ``ram/lambda/<agent>``,
+    ``ram/overlap/<agent>``, ``eval_merged/<task>/reward``, ``eval_agent/<task>/reward`` and
+    (``eval_base``) ``eval_base/<task>/reward``.
     """
 
     def __init__(
@@ -136,6 +154,10 @@ class AgentRun:
         self._dtype = parse_dtype(self.config.snapshot_dtype)
         self._snapshots = 0
         self._background: BackgroundMerge | None = None
+        # a merge split across the ranks follows its snapshot on every rank: no deferring it
+        background = self.config.background_snapshots and not self._splits
+        self._writer = BackgroundSnapshots() if background else None
+        self._merge_due: int | None = None  # a merge due once the snapshot in flight lands
         self._coalesce = False  # snapshots arrived while a background merge ran
         self._logged_entry: str | None = None  # the merged entry last logged / evaluated
         self._evaluated: str | None = None
@@ -265,7 +287,9 @@ class AgentRun:
         due = bool(self._merges_here and every and self._snapshots % every == 0)
         if self._splits:  # a split merge: rank 0's decision, on every rank
             due = self._split.on_main(lambda: due)
-        if due and (self.is_main or self._splits):
+        if due and self._writer is not None and self.is_main:
+            self._merge_due = step  # started by poll() once the snapshot is published
+        elif due and (self.is_main or self._splits):
             logs.update(self._merge(step))
         elif self.is_main and not self._merges_here and self.config.eval_every_steps is None:
             latest = self.store.merged.latest()  # a watcher's merge: evaluated when it is new
@@ -278,9 +302,15 @@ class AgentRun:
         """The metrics of a background merge that has finished since, else ``{}`` (no wait);
         ``step`` is the loop's current step (for ``ram/merge_lag_steps``)."""
         self._step = self._step if step is None else step
+        logs: dict[str, float] = {}
+        if self.is_main and self._writer is not None and self._writer.done():
+            logs.update(self._finish_snapshot())
+            if self._merge_due is not None:
+                due, self._merge_due = self._merge_due, None
+                logs.update(self._merge(due))
         if self._background is not None and self.is_main and self._background.done():
-            return self._finish_background(step, restart=True)
-        return {}
+            logs.update(self._finish_background(step, restart=True))
+        return logs
 
     def close(self, step: int | None = None) -> dict[str, float]:
         """At train end: wait for a background merge still running, then (``merge="self"``)
@@ -288,6 +318,13 @@ class AgentRun:
         made by any job); the metrics."""
         logs: dict[str, float] = {}
         self._step = step = self.last_step if step is None else step
+        if self._writer is not None and self.is_main:
+            due, self._merge_due = self._merge_due, None
+            logs.update(self._finish_snapshot(close=True))
+            if due is not None:  # as if the snapshot had been published in the call
+                logs.update(self._merge(due))
+        if self.is_main and self.config.merge == "watcher":
+            self._wait_for_watcher()
         if self.is_main and self._background is not None:
             logs.update(self._finish_background(step, restart=False))
         final = bool(self._merges_here and self.config.merge_every)
@@ -307,6 +344,48 @@ class AgentRun:
                 logs.update(self._evaluate(latest))  # the final generalist
         return logs
 
+    def _wait_for_watcher(self) -> None:
+        """With ``merge="watcher"``: wait (``watcher_timeout``) until the store's newest merged
+        model holds this job's final snapshot, so that the final evaluation is of it."""
+        from ram_trl.training.watch import watcher_running
+
+        cfg, agent, step, root = self.config, self.config.agent, self.last_step, self.store.root
+
+        def merged() -> bool:
+            latest = self.store.merged.latest()
+            return latest is not None and latest.steps.get(agent) == step
+
+        if step is None or not cfg.watcher_timeout or merged():
+            return
+        if len(self.store.agents()) < cfg.min_agents:
+            return  # nothing a watcher would merge yet
+        if not watcher_running(self.store):
+            warnings.warn(
+                f"agent {agent!r} has merge='watcher', but no `ram-trl watch {root}` is "
+                f"running: the store's merged models do not hold its final snapshot (step "
+                f"{step}) until one runs",
+                stacklevel=3,
+            )
+            return
+        logger.warning(
+            "agent %r: waiting up to %gs for the watcher to merge its final snapshot (step %d)",
+            agent,
+            cfg.watcher_timeout,
+            step,
+        )
+        deadline = time.monotonic() + cfg.watcher_timeout
+        while not merged():
+            expired = time.monotonic() > deadline
+            if expired or not watcher_running(self.store):
+                why = "timed out" if expired else "the watcher stopped"
+                warnings.warn(
+                    f"agent {agent!r}: {why} before the watcher merged its final snapshot (step "
+                    f"{step}): the final evaluation is of an older merged model, if any",
+                    stacklevel=3,
+                )
+                return
+            time.sleep(0.2)
+
     @property
     def _merges_here(self) -> bool:
         return self.config.merge == "self"
@@ -321,6 +400,8 @@ class AgentRun:
     def _snapshot(self, step: int) -> dict[str, float]:
         if self.base_dir is None:
             raise RuntimeError("AgentRun.start() has not run")
+        if self._writer is not None:
+            return self._snapshot_in_background(step)
         path, seconds = snapshot_model(
             self.store,
             self.config.agent,
@@ -336,11 +417,62 @@ class AgentRun:
         if not self.is_main:
             return {}
         assert path is not None
+        logs = self._published(path, seconds)
+        logs["ram/snapshot_pause_seconds"] = seconds
+        self._touched(logs)
+        return logs
+
+    def _published(self, path: Path, seconds: float) -> dict[str, float]:
+        """A published snapshot's metrics, after pruning to ``keep_last`` (run by the thread
+        of a background snapshot)."""
         logs = self._snapshot_logs(path, seconds)
         keep = self.config.keep_last  # prune reads every entry: only when there is one too many
         if keep is not None and len(self.store.steps(self.config.agent)) > keep:
             self.store.prune(self.config.agent, keep)
         return logs
+
+    def _snapshot_in_background(self, step: int) -> dict[str, float]:
+        """Wait for the snapshot in flight (its buffers are about to be overwritten), copy the
+        weights, and hand the rest to the thread."""
+        assert self._writer is not None
+        started = time.perf_counter()
+        logs = self._finish_snapshot() if self.is_main else {}
+        waited = time.perf_counter() - started
+        cfg, agent, base, replace = self.config, self.config.agent, self._base(), self._replace
+
+        def job(taken: TakenWeights) -> dict[str, float]:
+            began = time.perf_counter()
+            path = publish_taken(
+                self.store, agent, step, base, taken, epsilon=cfg.snapshot_epsilon, replace=replace
+            )
+            return self._published(path, time.perf_counter() - began)
+
+        self._writer.submit(
+            self.model,
+            job if self.is_main else None,
+            f"agent {agent!r} at step {step}",
+            dtype=self._dtype,
+        )
+        self.last_step, self._snapshots = step, self._snapshots + 1
+        if not self.is_main:
+            return {}
+        logs["ram/snapshot_pause_seconds"] = time.perf_counter() - started
+        logs["ram/snapshot_wait_seconds"] = waited
+        return logs
+
+    def _finish_snapshot(self, *, close: bool = False) -> dict[str, float]:
+        """The metrics of the background snapshot in flight, once it is published (waiting
+        for it); its error, raised; ``{}`` when none is in flight."""
+        assert self._writer is not None
+        logs = self._writer.close() if close else self._writer.result()
+        if logs is None:
+            return {}
+        self._touched(logs)
+        return logs
+
+    def _touched(self, logs: dict[str, float]) -> None:
+        key = "ram/lora_changed_fraction" if self.peft else "ram/changed_fraction"
+        self._touched_fraction = logs[key]
 
     def _snapshot_logs(self, path: Path, seconds: float) -> dict[str, float]:
         from ram_trl.snapshot import validate
@@ -352,14 +484,10 @@ class AgentRun:
             "ram/snapshot_mb": size / 1e6,
             "ram/snapshot_seconds": seconds,
         }
-        touched = [e for e in manifest.tensors.values() if e.nnz]
-        self._touched_fraction = (
-            sum(e.nnz for e in touched) / max(1, sum(e.numel for e in touched))
-            if self.peft
-            else manifest.density
-        )
         if self.peft:
-            logs["ram/lora_changed_fraction"] = self._touched_fraction
+            touched = [e for e in manifest.tensors.values() if e.nnz]
+            nnz, numel = sum(e.nnz for e in touched), max(1, sum(e.numel for e in touched))
+            logs["ram/lora_changed_fraction"] = nnz / numel
         return logs
 
     def _base(self) -> Path:

@@ -7,20 +7,28 @@ any job made already. Optionally it scores each new merged model on eval tasks (
 ``eval_tasks`` and ``eval_*`` generation fields, as in a :class:`RAMConfig`), writing the scores
 to ``<store>/eval/<entry>.json`` and printing them. Several watchers of one store are safe
 (the claims make one merge per state), though one is enough.
+
+A watcher holds an flock on ``<store>/.watcher-<pid>.lock`` while it runs (the kernel drops it
+when the process dies, however it dies): :func:`watcher_running` is how a job with
+``merge="watcher"`` knows, at train end, whether waiting for a merge of its final snapshot makes
+sense.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ram_trl.errors import InputError
 from ram_trl.evaluation import EvalTask, GenerationSettings, TrainerContext
 from ram_trl.io import replace_file
+from ram_trl.io.atomic import hold_lock_file, lock_is_held
 from ram_trl.io.recipes import load_yaml
 from ram_trl.training.jobs import MergeOutcome, MergeSettings, merge_store
 
@@ -63,6 +71,23 @@ def store_base(store: Any) -> Path:
     raise InputError(f"store {store.root} has no base model yet (no base/ and none recorded)")
 
 
+def watcher_running(store: Any) -> bool:
+    """Whether a live ``ram-trl watch`` process watches ``store`` (it holds a watcher lock)."""
+    return any(lock_is_held(p) for p in Path(store.root).glob(".watcher-*.lock"))
+
+
+@contextlib.contextmanager
+def _watching(store: Any) -> Iterator[None]:
+    """Hold this process's watcher lock (see the module docstring); remove it at the end."""
+    path = Path(store.root) / f".watcher-{os.getpid()}.lock"
+    fd = hold_lock_file(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _state(store: Any) -> dict[str, Any]:
     from ram_trl.snapshot.merged import describe_inputs
 
@@ -91,37 +116,38 @@ def watch(
     changed = time.monotonic()
     scorer = None
     try:
-        while max_merges is None or len(outcomes) < max_merges:
-            try:
-                state = _state(store)
-            except InputError as error:  # a snapshot removed while it was read: look again
-                report({"error": str(error)})
-                time.sleep(interval)
-                continue
-            if state != seen:
-                seen, changed = state, time.monotonic()
-                if len(state) < settings.min_agents:
+        with _watching(store):  # a job at train end sees that a watcher runs
+            while max_merges is None or len(outcomes) < max_merges:
+                try:
+                    state = _state(store)
+                except InputError as error:  # a snapshot removed while it was read: look again
+                    report({"error": str(error)})
+                    time.sleep(interval)
                     continue
-                outcome = merge_store(
-                    store, store_base(store), settings, keep_last_merged=keep_last_merged
-                )
-                if outcome is not None and all(o.entry != outcome.entry for o in outcomes):
-                    outcomes.append(outcome)
-                    entry = outcome.entry
-                    line = {
-                        "entry": entry.name,
-                        "inputs": entry.steps,
-                        "made": outcome.made,
-                        "seconds": round(outcome.seconds, 3),
-                    }
-                    if recipe is not None:
-                        scorer = scorer or _scorer(store, recipe)
-                        line["scores"] = _score(store, scorer, recipe, outcome, device)
-                    report(line)
-                continue  # look again at once: snapshots may have landed while it merged
-            if idle_exit is not None and time.monotonic() - changed > idle_exit:
-                break
-            time.sleep(interval)
+                if state != seen:
+                    seen, changed = state, time.monotonic()
+                    if len(state) < settings.min_agents:
+                        continue
+                    outcome = merge_store(
+                        store, store_base(store), settings, keep_last_merged=keep_last_merged
+                    )
+                    if outcome is not None and all(o.entry != outcome.entry for o in outcomes):
+                        outcomes.append(outcome)
+                        entry = outcome.entry
+                        line = {
+                            "entry": entry.name,
+                            "inputs": entry.steps,
+                            "made": outcome.made,
+                            "seconds": round(outcome.seconds, 3),
+                        }
+                        if recipe is not None:
+                            scorer = scorer or _scorer(store, recipe)
+                            line["scores"] = _score(store, scorer, recipe, outcome, device)
+                        report(line)
+                    continue  # look again at once: snapshots may have landed while it merged
+                if idle_exit is not None and time.monotonic() - changed > idle_exit:
+                    break
+                time.sleep(interval)
     except KeyboardInterrupt:
         pass
     return outcomes

@@ -209,27 +209,98 @@ class StreamedWeights:
         self._pending.clear()
 
 
+def live_stream(
+    model: nn.Module, *, main: bool, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """What :func:`trained_weights` streams: PEFT deltas, else the model's tensors (in
+    ``dtype``). Collective under ZeRO-3/FSDP2."""
+    if is_peft_model(model):
+        from ram_trl.lora import lora_deltas
+
+        return ((n, d if main else None) for n, d in lora_deltas(model))
+    return cast_stream(iter_state(model, main=main), dtype)
+
+
+def _weights(
+    stream: Iterator[tuple[str, torch.Tensor | None]],
+    base: Any,
+    *,
+    peft: bool,
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> StreamedWeights:
+    if peft:
+
+        def combine(name: str, delta: torch.Tensor) -> torch.Tensor:
+            b = base.read(name)
+            return (b.to(torch.float32) + delta.to("cpu", torch.float32)).to(b.dtype)
+
+        infos = {n: _Info(tuple(i.shape), i.dtype) for n, i in base.tensors.items()}
+        return StreamedWeights(
+            stream, infos, label="<trained LoRA model>", combine=combine, missing=base.read
+        )
+    infos = {
+        n: _Info(tuple(i.shape), specs.get(n, (None, i.dtype))[1]) for n, i in base.tensors.items()
+    }
+    return StreamedWeights(stream, infos, label="<trained model>")
+
+
 def trained_weights(
     model: nn.Module, base: Any, *, main: bool = True, dtype: torch.dtype | None = None
 ) -> StreamedWeights:
     """The trained weights of ``model`` as a weight source with ``base``'s names: for a PEFT
     model base + LoRA deltas (computed one module at a time), else the model's own tensors
     (cast to ``dtype`` when given)."""
-    if is_peft_model(model):
-        from ram_trl.lora import lora_deltas
+    peft = is_peft_model(model)
+    specs = {} if peft else base_specs(model, dtype)
+    return _weights(live_stream(model, main=main, dtype=dtype), base, peft=peft, specs=specs)
 
-        def combine(name: str, delta: torch.Tensor) -> torch.Tensor:
-            b = base.read(name)
-            return (b.to(torch.float32) + delta.to("cpu", torch.float32)).to(b.dtype)
 
-        deltas = ((n, d if main else None) for n, d in lora_deltas(model))
-        infos = {n: _Info(tuple(i.shape), i.dtype) for n, i in base.tensors.items()}
-        return StreamedWeights(
-            deltas, infos, label="<trained LoRA model>", combine=combine, missing=base.read
-        )
-    specs = base_specs(model, dtype)
-    infos = {
-        n: _Info(tuple(i.shape), specs.get(n, (None, i.dtype))[1]) for n, i in base.tensors.items()
-    }
-    stream = cast_stream(iter_state(model, main=main), dtype)
-    return StreamedWeights(stream, infos, label="<trained model>")
+class TakenWeights:
+    """A copy of the trained weights at one step, taken inside the training pause so that a
+    background thread can compare and write them while training moves the live ones on.
+
+    :meth:`take` copies what :func:`trained_weights` would stream (the model's tensors cast to
+    ``dtype``, or a PEFT model's LoRA deltas) into CPU buffers kept from one take to the next:
+    the memory cost is one copy of the model in the snapshot dtype (for PEFT, one full-size
+    delta per adapted tensor), allocated at the first take and reused. A take overwrites the
+    buffers, so the caller must not take again while a writer still reads them (one snapshot
+    in flight: see :class:`~ram_trl.training.capture.BackgroundSnapshots`). The cast happens
+    in the copy (``copy_`` into a buffer of the snapshot dtype): the same rounding as ``.to``.
+    Collective under ZeRO-3/FSDP2 (the gathers, one module at a time, stay in the pause).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self.order: list[str] = []
+        self.peft = False
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    def take(
+        self, model: nn.Module, *, main: bool = True, dtype: torch.dtype | None = None
+    ) -> None:
+        self.peft = is_peft_model(model)
+        self.order = list(base_specs(model))
+        self._specs = {} if self.peft else base_specs(model, dtype)
+        stream = live_stream(model, main=main, dtype=None)  # cast by the copy below
+        taken: list[tuple[str, torch.Tensor]] = []
+        for name, t in stream:
+            if t is None:
+                continue  # not the main rank: only the gathers
+            cast = dtype is not None and not self.peft and t.is_floating_point()
+            want = dtype if cast else t.dtype
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != want:
+                buf = self._buffers[name] = torch.empty(t.shape, dtype=want, device="cpu")
+            buf.copy_(t.detach())
+            taken.append((name, buf))
+        self.tensors = taken
+
+    def weights(self, base: Any) -> StreamedWeights:
+        """The taken tensors as :func:`trained_weights` gives the live ones."""
+        return _weights(iter(self.tensors), base, peft=self.peft, specs=self._specs)
