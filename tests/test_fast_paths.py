@@ -12,6 +12,7 @@ and on many shards, on chunked tensors, and with an agent stored in another dtyp
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,16 @@ def test_store_counting_declines_a_snapshot_of_another_dtype(
             source.close()
     assert used and all(u is None for u in used)
     assert store == counted_runs(base, mixed, tmp_path / "folders")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finite_bits_first_sum_then_bits(dtype):
+    """The float32 sum only decides 'all finite'; a non-finite sum goes to the bit test, so
+    large finite values whose sum overflows are still finite, and any NaN/Inf is found."""
+    big = torch.finfo(dtype).max
+    assert chunks.finite_bits(torch.full((1000,), big, dtype=dtype))  # the sum overflows
+    assert chunks.finite_bits(torch.zeros(0, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        values = torch.randn(5000).to(dtype)
+        values[1234] = bad
+        assert not chunks.finite_bits(values)
