@@ -45,7 +45,10 @@ def count_overlaps(
 
     With ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) chunks are
     read and counted on that many threads, a few ahead of the one being summed: counts are
-    integers, so the histograms are the same whatever the order."""
+    integers, so the histograms are the same whatever the order. Chunks whose agents are all
+    sparse snapshots of this base are counted from their stored positions alone
+    (:func:`~ram_trl.merging.chunks.stored_deltas`): the same counts, in work proportional to the
+    snapshots rather than to the model."""
     threads = default_threads() if threads is None else threads
     n = len(inputs.agents)
 
