@@ -12,6 +12,7 @@ and on many shards, on chunked tensors, and with an agent stored in another dtyp
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -146,3 +147,115 @@ def test_sparse_store_reads_skip_a_snapshot_of_another_dtype(
         base, {"a": agents["a"], "b": narrow}, "ram_plus", tmp_path / "ck", progress=False
     )
     assert files(tmp_path / "store") == files(tmp_path / "ck")
+
+
+COUNTED = [
+    ("ram_plus", {}, False),
+    ("ram_plus", {"rho_scope": "tensor"}, False),
+    ("ram_plus_s", {"epsilon": 3e-4}, False),  # an epsilon that leaves some stored changes out
+    ("ram_plus", {}, True),  # dry run: counts only
+]
+
+
+def counted_runs(base, sources, out: Path) -> dict[str, tuple[list, dict[str, bytes]]]:
+    """Report statistics and files of every counted method, for the store given."""
+    got = {}
+    for method, params, dry_run in COUNTED:
+        folder = out / f"{method}-{len(params)}-{dry_run}"
+        report = ram_trl.merge(
+            base, sources, method, folder, params=params, progress=False, dry_run=dry_run,
+            shard_size="40KB", threads=2,
+        )  # fmt: skip
+        stats = [
+            (a.changed, a.unique, a.shared, a.overlap, a.rho, a.lambda_) for a in report.agents
+        ]
+        got[f"{method} {params} {dry_run}"] = (stats, {} if dry_run else files(folder))
+    return got
+
+
+def spy_stored_deltas(monkeypatch) -> list:
+    """What every call of the counting pass's ``stored_deltas`` returned (None: declined)."""
+    from ram_trl.merging import counting
+
+    used, real = [], counting.stored_deltas
+
+    def spy(*args):
+        used.append(real(*args))
+        return used[-1]
+
+    monkeypatch.setattr(counting, "stored_deltas", spy)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_counting_from_stored_positions(
+    dtype, layout, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """The counting pass of a store merge looks only at the snapshots' stored positions
+    (``chunks.stored_deltas``); its histograms, the report and the files are those of the
+    counting pass that reads whole chunks, and of the agents' checkpoints."""
+    from ram_trl.merging import counting
+
+    base = tiny_base_factory("qwen2", True, dtype, layout)
+    agents = tiny_agents_factory(base, ("a", "b", "c"), density=[0.05, 0.2, 0.3])
+    snaps = snapshots(base, agents, tmp_path / "snaps")
+
+    def runs(out: Path) -> dict[str, tuple[list, dict[str, bytes]]]:
+        sources = {name: TaskVectorSource(path, base) for name, path in snaps.items()}
+        try:
+            return counted_runs(base, sources, out)
+        finally:
+            for source in sources.values():
+                source.close()
+
+    used = spy_stored_deltas(monkeypatch)
+    fast = runs(tmp_path / "fast")
+    assert used and all(u is not None for u in used)  # every chunk counted from stored positions
+    monkeypatch.setattr(counting, "stored_deltas", lambda *a: None)
+    whole = runs(tmp_path / "whole")
+    checkpoints = counted_runs(base, agents, tmp_path / "folders")
+    for key in fast:
+        assert fast[key][0] == whole[key][0] == checkpoints[key][0], key
+        assert fast[key][1] == whole[key][1], key
+        assert fast[key][1] == checkpoints[key][1], key
+    narrow = fast["ram_plus_s {'epsilon': 0.0003} False"][0]  # fewer changes counted
+    assert any(a[0] < b[0] for a, b in zip(narrow, fast["ram_plus {} False"][0], strict=True))
+
+
+def test_store_counting_declines_a_snapshot_of_another_dtype(
+    tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """A bf16 agent over a float32 base: its stored values are not the rows the merge compares,
+    so the counting pass reads those chunks whole; counts and files match the checkpoints'."""
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1000)
+    base = tiny_base_factory("qwen2", False, torch.float32, False)
+    agents = tiny_agents_factory(base, ("a", "b"), density=[0.05, 0.1])
+    narrow = tmp_path / "b16"
+    shutil.copytree(agents["b"], narrow)
+    weights = narrow / "model.safetensors"
+    save_file({k: v.bfloat16() for k, v in load_file(weights).items()}, weights)
+    mixed = {"a": agents["a"], "b": narrow}
+    snaps = snapshots(base, mixed, tmp_path / "snaps")
+    used = spy_stored_deltas(monkeypatch)
+    sources = {name: TaskVectorSource(path, base) for name, path in snaps.items()}
+    try:
+        store = counted_runs(base, sources, tmp_path / "store")
+    finally:
+        for source in sources.values():
+            source.close()
+    assert used and all(u is None for u in used)
+    assert store == counted_runs(base, mixed, tmp_path / "folders")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finite_bits_first_sum_then_bits(dtype):
+    """The float32 sum only decides 'all finite'; a non-finite sum goes to the bit test, so
+    large finite values whose sum overflows are still finite, and any NaN/Inf is found."""
+    big = torch.finfo(dtype).max
+    assert chunks.finite_bits(torch.full((1000,), big, dtype=dtype))  # the sum overflows
+    assert chunks.finite_bits(torch.zeros(0, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        values = torch.randn(5000).to(dtype)
+        values[1234] = bad
+        assert not chunks.finite_bits(values)

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ram_trl.errors import InputError
-from ram_trl.methods import ChunkContext, change_mask, get_method, overlap_histogram
+from ram_trl.methods import (
+    ChunkContext,
+    change_mask,
+    get_method,
+    overlap_histogram,
+    overlap_histogram_at,
+)
 from ram_trl.methods.baselines import disjoint_mean
 from ram_trl.methods.magnitude import kth_largest, trim_count
 from ram_trl.methods.ram import overlap_ratio
@@ -126,6 +132,14 @@ def test_agent_that_changed_nothing():
 def test_overlap_histogram_counts_other_agents():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     assert overlap_histogram(mask).tolist() == [[1, 1, 1], [0, 1, 1], [1, 0, 1]]
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=5))
+def test_overlap_histogram_from_positions_is_the_same(rows):
+    """The counting pass of snapshots gives each agent's changed positions (in any order)."""
+    mask = torch.tensor(rows, dtype=torch.bool)
+    changed = [torch.nonzero(row).flatten().flip(0) for row in mask]
+    assert torch.equal(overlap_histogram_at(changed, 6), overlap_histogram(mask))
 
 
 # --- baselines, by hand ----------------------------------------------------------------------

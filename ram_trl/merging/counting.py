@@ -16,10 +16,16 @@ from typing import Any
 
 import torch
 
-from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks
+from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks, stored_deltas
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
 from ram_trl.merging.report import AgentStats
-from ram_trl.methods import ModelPlan, OverlapCounts, change_mask, overlap_histogram
+from ram_trl.methods import (
+    ModelPlan,
+    OverlapCounts,
+    change_mask,
+    overlap_histogram,
+    overlap_histogram_at,
+)
 from ram_trl.methods.ram import overlap_ratio, shared_unique
 
 
@@ -39,21 +45,29 @@ def count_overlaps(
 
     With ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) chunks are
     read and counted on that many threads, a few ahead of the one being summed: counts are
-    integers, so the histograms are the same whatever the order."""
+    integers, so the histograms are the same whatever the order. Chunks whose agents are all
+    sparse snapshots of this base are counted from their stored positions alone
+    (:func:`~ram_trl.merging.chunks.stored_deltas`): the same counts, in work proportional to the
+    snapshots rather than to the model."""
     threads = default_threads() if threads is None else threads
     n = len(inputs.agents)
 
     def count(name: str, start: int, stop: int) -> torch.Tensor:
+        stored = stored_deltas(inputs, name, start, stop) if epsilon >= 0 else None
+        if stored is not None:  # snapshots: only their stored positions are looked at
+            changed = [p[change_mask(d, epsilon)] for p, d in stored]
+            return overlap_histogram_at(changed, (stop - start) * row_numel[name])
         chunk = read_chunk(inputs, name, start, stop, device)
         return overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
 
-    histograms = {}
+    histograms, row_numel = {}, {}
     work = []
     mine = [n for n in inputs.names if names is None or n in names]
     for name in mine:
         info = inputs.base.tensors[name]
         if is_float_tensor(info):
             histograms[name] = torch.zeros((n, n), dtype=torch.int64)
+            row_numel[name] = info.numel // max(info.rows, 1)
             work += [(name, start, stop) for start, stop in row_chunks(tuple(info.shape))]
     pool = ThreadPoolExecutor(threads, "ram-trl-count") if threads > 1 else None
     with inputs.progress(progress, desc) as bar, pool or nullcontext():

@@ -17,7 +17,13 @@ from ram_trl.methods.base import (
     get_method,
     register,
 )
-from ram_trl.methods.ram import change_mask, overlap_histogram, overlap_ratio, shared_unique
+from ram_trl.methods.ram import (
+    change_mask,
+    overlap_histogram,
+    overlap_histogram_at,
+    overlap_ratio,
+    shared_unique,
+)
 
 __all__ = [
     "CHANGE_EPSILON",
@@ -29,6 +35,7 @@ __all__ = [
     "change_mask",
     "get_method",
     "overlap_histogram",
+    "overlap_histogram_at",
     "overlap_ratio",
     "register",
     "shared_unique",

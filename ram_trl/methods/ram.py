@@ -52,6 +52,23 @@ def overlap_histogram(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([(mask & (count == k)).sum(1) for k in range(1, n_agents + 1)], 1)
 
 
+def overlap_histogram_at(changed: list[torch.Tensor], numel: int) -> torch.Tensor:
+    """:func:`overlap_histogram` of a chunk of ``numel`` elements given, per agent, the positions
+    it changed (distinct, any order) instead of the whole mask: the same integers, in work
+    proportional to the changes (the counting pass of sparse snapshots)."""
+    n_agents = len(changed)
+    if n_agents == 0:
+        return torch.zeros((0, 0), dtype=torch.int64)
+    count = torch.zeros(numel, dtype=torch.uint8 if n_agents < 255 else torch.int32)
+    for positions in changed:
+        count.index_add_(0, positions, torch.ones(positions.numel(), dtype=count.dtype))
+    rows = [
+        torch.bincount(count.index_select(0, positions).to(torch.int64), minlength=n_agents + 1)
+        for positions in changed
+    ]
+    return torch.stack(rows)[:, 1 : n_agents + 1]
+
+
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """How many agents changed each element (a small integer type: it is computed per chunk)."""
     return mask.sum(0, dtype=torch.uint8 if mask.shape[0] < 255 else torch.int32)
