@@ -164,6 +164,25 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
     return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
 
 
+def _stored_rows(
+    inputs: MergeInputs, name: str, start: int, stop: int, base: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every agent's stored positions and values in rows ``[start, stop)`` (``changed_rows``),
+    or None when some agent cannot say (a checkpoint, a dense or wider snapshot tensor) or the
+    base's dtype has no bit view: then the chunk is read whole."""
+    view = _BIT_VIEWS.get(base.dtype.itemsize)
+    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+        return None
+    stored = []
+    for source in inputs.agents.values():
+        changed_rows = getattr(source, "changed_rows", None)
+        got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
+        if got is None or got[1].dtype != base.dtype:
+            return None
+        stored.append(got)
+    return stored
+
+
 def _changed_values(
     inputs: MergeInputs, name: str, start: int, stop: int, base: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None:
@@ -177,16 +196,9 @@ def _changed_values(
     stored positions every agent equals the base bit for bit, and inside it only the positions
     whose bits differ for some agent are kept, so the chunk and the merge are the same bits.
     """
-    view = _BIT_VIEWS.get(base.dtype.itemsize)
-    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+    stored = _stored_rows(inputs, name, start, stop, base)
+    if stored is None:
         return None
-    stored = []
-    for source in inputs.agents.values():
-        changed_rows = getattr(source, "changed_rows", None)
-        got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
-        if got is None or got[1].dtype != base.dtype:
-            return None
-        stored.append(got)
     marked, slot, count = _scratch(base.numel())
     for positions, _ in stored:
         marked.index_fill_(0, positions, True)
@@ -221,16 +233,9 @@ def stored_deltas(
     looked up in the base once; no union, no mask of the whole chunk, no agent rows are built.
     """
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
-    view = _BIT_VIEWS.get(base.dtype.itemsize)
-    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+    stored = _stored_rows(inputs, name, start, stop, base)
+    if stored is None:
         return None
-    stored = []
-    for source in inputs.agents.values():
-        changed_rows = getattr(source, "changed_rows", None)
-        got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
-        if got is None or got[1].dtype != base.dtype:
-            return None
-        stored.append(got)
     out, total = [], torch.zeros((), dtype=torch.float32)
     for positions, values in stored:
         picked = base.index_select(0, positions).to(torch.float32)

@@ -184,7 +184,7 @@ def merge(
             if share is not None:
                 sink = share.sink(tmp)
             elif lora_rank is None:
-                sink = ModelSink(tmp, specs, max_shard_bytes)
+                sink = ModelSink.sharded(tmp, specs, max_shard_bytes)
             else:
                 from ram_trl.lora import LoraSink
 

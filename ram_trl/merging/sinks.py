@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -36,10 +36,19 @@ class OutputSink(Protocol):
 
 
 class ModelSink:
-    """A full model: the merged rows streamed into safetensors shards of ``max_shard_bytes``."""
+    """A full model: the merged rows streamed into safetensors files by ``writer``, a
+    ``ShardedWriter`` of the whole model (:meth:`sharded`) or, in a merge split across ranks,
+    a ``RegionWriter`` of this rank's tensors in the laid-out files."""
 
-    def __init__(self, directory: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
-        self.writer = ShardedWriter(directory, specs, max_shard_bytes=max_shard_bytes)
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    @classmethod
+    def sharded(
+        cls, directory: Path, specs: Sequence[TensorSpec], max_shard_bytes: int
+    ) -> ModelSink:
+        """Shards of at most ``max_shard_bytes`` in ``directory``, ``save_pretrained``-style."""
+        return cls(ShardedWriter(directory, specs, max_shard_bytes=max_shard_bytes))
 
     def write(self, name: str, rows: torch.Tensor, base: torch.Tensor) -> None:
         self.writer.write(name, rows)

@@ -42,6 +42,7 @@ from ram_trl.io import TensorSpec, atomic_directory, plan_shards, shard_names
 from ram_trl.io.checkpoint import INDEX_NAME
 from ram_trl.io.parts import RegionWriter, lay_out
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
+from ram_trl.merging.sinks import ModelSink
 from ram_trl.methods import OverlapCounts
 
 T = TypeVar("T")
@@ -77,25 +78,9 @@ class Share:
         index = [INDEX_NAME] if len(self.layout) > 1 else []
         return [*self.layout, *index]
 
-    def sink(self, directory: Path) -> RegionSink:
-        return RegionSink(RegionWriter(directory, self.layout, {s.name for s in self.specs}))
-
-
-class RegionSink:
-    """An output sink (``ram_trl.merging.sinks.OutputSink``) writing this rank's tensors into
-    the laid-out files of a split merge."""
-
-    def __init__(self, writer: RegionWriter) -> None:
-        self.writer = writer
-
-    def write(self, name: str, rows: torch.Tensor, base: torch.Tensor) -> None:
-        self.writer.write(name, rows)
-
-    def close(self) -> list[str]:
-        return [path.name for path in self.writer.close()]
-
-    def abort(self) -> None:
-        self.writer.abort()
+    def sink(self, directory: Path) -> ModelSink:
+        """This rank's tensors, written in place into the laid-out files."""
+        return ModelSink(RegionWriter(directory, self.layout, {s.name for s in self.specs}))
 
 
 @dataclass(frozen=True)
