@@ -92,6 +92,9 @@ def launch(
     num_processes = num_processes or 2
     store = store or workdir / "store"
     out, record = workdir / f"out-{agent}", workdir / f"record-{agent}"
+    before = workdir / f"store-before-{agent}"  # the store as this launch found it
+    if retry and store.exists():
+        shutil.copytree(store, before)
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ACCELERATE / config),
@@ -117,6 +120,11 @@ def launch(
             f.unlink()
         if not retry:
             pytest.fail(f"{config}: aborted at exit twice\n{log[-6000:]}")
+        # the relaunch starts from the store as the first launch found it: its snapshots and
+        # merges would otherwise be merged again (replaced snapshots are new inputs)
+        shutil.rmtree(store, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, store)
         return launch(
             config,
             workdir,
