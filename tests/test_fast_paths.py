@@ -113,7 +113,9 @@ def test_sparse_store_reads_give_the_same_bytes(
     fast = merged(tmp_path / "fast")
     checkpoints = merge_all(base, agents, tmp_path / "folders", threads=1, shard_size="40KB")
     calls = []
-    monkeypatch.setattr(TaskVectorSource, "changed_rows", lambda self, *a: calls.append(a) or None)
+    monkeypatch.setattr(
+        TaskVectorSource, "changed_rows", lambda self, *a, **k: calls.append(a) or None
+    )
     rebuilt = merged(tmp_path / "rebuilt")
     assert calls  # the reference run really rebuilt the rows
     for key in fast:
@@ -259,3 +261,126 @@ def test_finite_bits_first_sum_then_bits(dtype):
         values = torch.randn(5000).to(dtype)
         values[1234] = bad
         assert not chunks.finite_bits(values)
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    """What every call of ``owner.name`` returned."""
+    used, real = [], getattr(owner, name)
+
+    def call(*args, **kwargs):
+        used.append(real(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(owner, name, call)
+    return used
+
+
+def open_snapshots(snaps: dict[str, Path], base: Path) -> dict[str, TaskVectorSource]:
+    return {name: TaskVectorSource(path, base) for name, path in snaps.items()}
+
+
+@pytest.mark.parametrize("agents", [3, 6])
+def test_store_merges_count_from_indices_and_merge_from_positions(
+    agents, layout, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """A RAM-family store merge counts from the snapshots' indices alone
+    (``chunks.stored_changes``) and merges from each agent's stored positions (``rule_at``, no
+    union of the agents' rows): the same report and files as the agents' checkpoints, with 3
+    agents and with 6 (where a float32 sum over agents is no longer torch's own order)."""
+    from ram_trl.merging import counting
+    from ram_trl.methods import get_method
+
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, layout)
+    names = tuple("abcdef"[:agents])
+    folders = tiny_agents_factory(base, names, density=[0.05, 0.2, 0.3, 0.1, 0.05, 0.15][:agents])
+    snaps = snapshots(base, folders, tmp_path / "snaps")
+    runs = [("ram_plus", {}), ("ram_plus", {"rho_scope": "tensor"})]
+    want = [
+        ram_trl.merge(base, folders, m, tmp_path / f"ck-{len(p)}", params=p, progress=False)
+        for m, p in runs
+    ]
+    counted = spy(monkeypatch, counting, "stored_changes")
+    merged = spy(monkeypatch, get_method("ram_plus"), "rule_at")
+    sources = open_snapshots(snaps, base)
+    try:
+        for (method, params), expected in zip(runs, want, strict=True):
+            out = tmp_path / f"store-{len(params)}"
+            report = ram_trl.merge(base, sources, method, out, params=params, progress=False)
+            assert files(out) == files(tmp_path / f"ck-{len(params)}")
+            assert [a.overlap for a in report.agents] == [a.overlap for a in expected.agents]
+    finally:
+        for source in sources.values():
+            source.close()
+    assert counted and all(c is not None for c in counted)
+    assert merged
+
+
+def test_store_counting_from_indices_takes_a_coarser_snapshot(
+    tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """A snapshot taken at a larger epsilon than the merge's stores exactly its changes beyond
+    the merge's epsilon too: its indices are counted alone, with the numbers the values give;
+    one taken at a smaller epsilon than the merge's is counted from its values."""
+    from ram_trl.merging import counting
+
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, False)
+    folders = tiny_agents_factory(base, ("a", "b"), density=[0.1, 0.2])
+    snaps = {}
+    for name, path in folders.items():
+        snaps[name] = tmp_path / name
+        snapshot_folders(base, path, snaps[name], agent=name, epsilon=1e-3)
+
+    def run(method: str, params: dict, out: str) -> tuple[list, dict[str, bytes]]:
+        sources = open_snapshots(snaps, base)
+        try:
+            report = ram_trl.merge(
+                base, sources, method, tmp_path / out, params=params, progress=False
+            )
+        finally:
+            for source in sources.values():
+                source.close()
+        return [a.overlap for a in report.agents], files(tmp_path / out)
+
+    counted = spy(monkeypatch, counting, "stored_changes")
+    fast = run("ram_plus", {}, "fast")
+    assert counted and all(c is not None for c in counted)
+    finer = run("ram_plus", {"epsilon": 2e-3}, "finer")  # more than the snapshots' epsilon
+    assert counted[-1] is None
+    monkeypatch.setattr(counting, "stored_changes", lambda *a: None)
+    assert run("ram_plus", {}, "values") == fast
+    assert finer[0] != [[0, 0], [0, 0]]
+
+
+def test_a_snapshot_storing_an_unchanged_element_is_refused(
+    tiny_base_factory, tiny_agents_factory, tmp_path
+):
+    """A snapshot's indices are counted as changes; one whose stored element did not change
+    (hand-made, or damaged behind valid checksums) would skew rho, so the merge stops with one
+    line naming the snapshot and the tensor, and publishes nothing."""
+    from ram_trl.errors import InputError
+    from ram_trl.io import ModelFolder
+    from ram_trl.snapshot import TaskVector
+
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, False)
+    folders = tiny_agents_factory(base, ("a", "b"), density=[0.1, 0.2])
+    snaps = snapshots(base, folders, tmp_path / "snaps")
+    vector = TaskVector.load(snaps["b"])
+    name, delta = next((n, d) for n, d in vector.deltas.items() if d.layout == "sparse")
+    with ModelFolder(base) as folder:
+        rows = folder.read(name).reshape(-1)
+    free = next(i for i in range(delta.numel) if i not in set(delta.indices.tolist()))
+    indices = torch.cat([delta.indices, torch.tensor([free], dtype=delta.indices.dtype)])
+    order = indices.argsort()
+    delta.indices = indices[order]
+    delta.values = torch.cat([delta.values, rows[free : free + 1]])[order]
+    delta.nnz += 1
+    damaged = tmp_path / "damaged"
+    vector.save(damaged)
+    sources = open_snapshots({"a": snaps["a"], "b": damaged}, base)
+    try:
+        with pytest.raises(InputError, match=rf"snapshot {damaged}: tensor '{name}'.*epsilon"):
+            ram_trl.merge(base, sources, "ram_plus", tmp_path / "out", progress=False)
+    finally:
+        for source in sources.values():
+            source.close()
+    assert not (tmp_path / "out").exists()

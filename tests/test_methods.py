@@ -287,6 +287,73 @@ def test_scopes_differ_exactly_where_counts_differ(first, second):
     assert (tensor_scope[must_differ] != global_scope[must_differ]).all()
 
 
+def rule_at_dense(method: str, deltas: torch.Tensor, scales, order=None) -> torch.Tensor:
+    """``rule_at`` given each agent's nonzero deltas (stored positions may include exact
+    zeros and sub-threshold noise too: every row's nonzero and ``order`` positions), scattered
+    back into a dense merged delta."""
+    spec = get_method(method)
+    params = spec.make_params({})
+    changes = []
+    for row in deltas:
+        positions = torch.nonzero(row != 0).flatten()
+        if order is not None:  # some stored positions hold an unchanged value
+            positions = torch.unique(torch.cat([positions, order]))
+        changes.append((positions, row[positions]))
+    index, merged = spec.rule_at(changes, deltas.shape[1], params, ChunkContext(scales))
+    assert index.unique().numel() == index.numel()  # each position once
+    dense = torch.zeros(deltas.shape[1])
+    dense[index] = merged
+    return dense
+
+
+def test_rule_at_by_hand():
+    """Eq. 7 from positions: unique -> lambda_t * tau_t, shared -> the mean, the rest absent."""
+    deltas = torch.tensor([[0.5, 1.0, 0.0, 5e-6, 2.0], [0.0, 3.0, 0.0, 0.0, -2.0]])
+    scales = torch.tensor([1.5, 1.0])
+    expected = torch.tensor([0.75, 2.0, 0.0, 0.0, 0.0])
+    assert torch.equal(rule_at_dense("ram_plus", deltas, scales), expected)
+    assert torch.equal(rule_at_dense("ram", deltas, None), torch.tensor([0.5, 2, 0, 0, 0]))
+
+
+@given(
+    sparse_deltas(max_agents=9, max_n=60),
+    st.sampled_from(RAM_FAMILY),
+    st.lists(st.floats(1.0, 3.0, width=32), min_size=9, max_size=9),
+    st.lists(st.integers(0, 59), max_size=10),
+)
+def test_rule_at_is_the_rule_bit_for_bit(deltas, method, lambdas_, extra):
+    """The store path's rule from stored positions gives the dense rule's float32 numbers
+    exactly, for up to 9 agents (torch sums 5 or more rows in another order than one by one),
+    with stored positions that hold exact zeros or sub-threshold changes."""
+    spec = get_method(method)
+    scales = None if spec.scales is None else torch.tensor(lambdas_[: deltas.shape[0]])
+    dense = spec.rule(deltas, spec.make_params({}), ChunkContext(scales))
+    order = torch.tensor([i for i in extra if i < deltas.shape[1]], dtype=torch.int64)
+    got = rule_at_dense(method, deltas, scales, order)
+    assert torch.equal(got.view(torch.int32), dense.view(torch.int32))
+
+
+@given(
+    sparse_deltas(max_agents=9, max_n=60),
+    st.sampled_from(RAM_FAMILY + ("linear", "task_arithmetic", "ties")),
+    st.lists(st.booleans(), min_size=60, max_size=60),
+)
+def test_an_element_merges_the_same_in_any_chunk(deltas, method, picked):
+    """An element's merged delta does not depend on the other elements of its chunk (how many
+    candidates a checkpoint chunk has, a snapshot union, the chunk size), for any number of
+    agents: sums over agents run in agent order (``agent_sum``)."""
+    columns = torch.tensor(picked[: deltas.shape[1]])
+    spec = get_method(method)
+    p = spec.make_params({})
+    scales = None
+    if spec.scales is not None:  # the same lambdas for both, as a global rho gives
+        scales = spec.scales(overlap_histogram(change_mask(deltas, EPS)), p).float()
+    thresholds = torch.full((deltas.shape[0],), 0.3) if method == "ties" else None
+    ctx = ChunkContext(scales, thresholds)
+    whole, part = spec.rule(deltas, p, ctx), spec.rule(deltas[:, columns], p, ctx)
+    assert torch.equal(whole[columns].view(torch.int32), part.view(torch.int32))
+
+
 def test_kth_largest_single_chunk_equals_radix_path():
     values = torch.rand(2, 500)
     pieces = [(values, 200)]

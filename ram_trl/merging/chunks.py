@@ -78,6 +78,30 @@ class Chunk:
         return self.base.numel()
 
 
+@dataclass
+class StoredChunk:
+    """Rows ``[start, stop)`` of one tensor whose agents are all sparse snapshots of the base:
+    the base as stored and, per agent, the positions it stores (increasing) with its float32
+    deltas there. Every other delta is exactly zero. A method with a ``rule_at`` merges it
+    in work proportional to the snapshots; :meth:`at` gives the :class:`Chunk` its result is
+    applied to."""
+
+    start: int
+    stop: int
+    base: torch.Tensor  # (n,) in the stored dtype: a read-only view, never modify in place
+    changes: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    def at(self, index: torch.Tensor) -> Chunk:
+        """The chunk restricted to ``index`` (distinct positions, any order), for writing a
+        merged delta given there; it holds no deltas."""
+        base32 = self.base.index_select(0, index).to(torch.float32)
+        return Chunk(self.start, self.stop, self.base, index, base32, torch.empty(0, 0))
+
+
 def read_chunk(
     inputs: MergeInputs,
     name: str,
@@ -86,8 +110,11 @@ def read_chunk(
     device: torch.device | str = "cpu",
     *,
     sparse: bool = True,
-) -> Chunk:
-    """Read rows ``[start, stop)`` of a tensor from every input as a :class:`Chunk`.
+    stored: bool = False,
+) -> Chunk | StoredChunk:
+    """Read rows ``[start, stop)`` of a tensor from every input as a :class:`Chunk` (with
+    ``stored``, as a :class:`StoredChunk` when every agent is a sparse snapshot of this base
+    and the arithmetic runs on the CPU).
 
     RL task vectors are sparse: most stored elements are bit-identical to the base. When every
     input has the base's dtype, integer views find the elements whose bits differ without
@@ -99,8 +126,8 @@ def read_chunk(
     """
     ahead = inputs.read_ahead
     if ahead is not None:
-        return ahead.read(name, start, stop, device, sparse)
-    return _read_chunk(inputs, name, start, stop, device, sparse)
+        return ahead.read(name, start, stop, device, sparse, stored)
+    return _read_chunk(inputs, name, start, stop, device, sparse, stored)
 
 
 def _read_chunk(
@@ -110,7 +137,12 @@ def _read_chunk(
     stop: int,
     device: torch.device | str,
     sparse: bool,
-) -> Chunk:
+    stored: bool = False,
+) -> Chunk | StoredChunk:
+    if stored and sparse and torch.device(device).type == "cpu":
+        found = stored_deltas(inputs, name, start, stop)
+        if found is not None:
+            return found
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
     found = _changed_values(inputs, name, start, stop, base) if sparse else None
     if found is not None:  # sparse sources said where they differ: only those are read
@@ -165,19 +197,23 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
 
 
 def _stored_rows(
-    inputs: MergeInputs, name: str, start: int, stop: int, base: torch.Tensor
+    inputs: MergeInputs, name: str, start: int, stop: int, *, values: bool = True
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Every agent's stored positions and values in rows ``[start, stop)`` (``changed_rows``),
-    or None when some agent cannot say (a checkpoint, a dense or wider snapshot tensor) or the
-    base's dtype has no bit view: then the chunk is read whole."""
-    view = _BIT_VIEWS.get(base.dtype.itemsize)
-    if view is None or not base.dtype.is_floating_point or base.numel() == 0:
+    """Every agent's stored positions and values in rows ``[start, stop)`` (``changed_rows``;
+    positions only without ``values``), or None when some agent cannot say (a checkpoint, a
+    dense or wider snapshot tensor) or the base's dtype has no bit view: then the chunk is
+    read whole."""
+    info = inputs.base.tensors[name]
+    dtype = info.dtype
+    if _BIT_VIEWS.get(dtype.itemsize) is None or not dtype.is_floating_point or not info.numel:
         return None
     stored = []
     for source in inputs.agents.values():
         changed_rows = getattr(source, "changed_rows", None)
-        got = None if changed_rows is None else changed_rows(name, start, stop, inputs.base)
-        if got is None or got[1].dtype != base.dtype:
+        got = None
+        if changed_rows is not None:
+            got = changed_rows(name, start, stop, inputs.base, values=values)
+        if got is None or (values and got[1].dtype != dtype):
             return None
         stored.append(got)
     return stored
@@ -196,7 +232,7 @@ def _changed_values(
     stored positions every agent equals the base bit for bit, and inside it only the positions
     whose bits differ for some agent are kept, so the chunk and the merge are the same bits.
     """
-    stored = _stored_rows(inputs, name, start, stop, base)
+    stored = _stored_rows(inputs, name, start, stop)
     if stored is None:
         return None
     marked, slot, count = _scratch(base.numel())
@@ -219,34 +255,67 @@ def _changed_values(
     return index, agents, picked
 
 
-def stored_deltas(
-    inputs: MergeInputs, name: str, start: int, stop: int
-) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per agent, its stored positions in rows ``[start, stop)`` and its float32 deltas there,
-    from sources that know where they differ from the base (``changed_rows``), and the chunk's
-    values checked as :func:`read_chunk` checks them; None where :func:`_changed_values` would
-    not apply (then the caller reads the chunk).
+def stored_deltas(inputs: MergeInputs, name: str, start: int, stop: int) -> StoredChunk | None:
+    """Rows ``[start, stop)`` as a :class:`StoredChunk`, from sources that know where they
+    differ from the base (``changed_rows``), the values checked as :func:`read_chunk` checks
+    them; None where :func:`_changed_values` would not apply (then the caller reads the chunk).
 
-    For the counting pass: everywhere else an agent's delta is exactly 0, and a chunk's deltas
-    are ``float32(agent) - float32(base)`` at the same positions whichever path read them, so
-    ``|delta| > epsilon`` (epsilon >= 0) marks the same elements. Each agent's positions are
-    looked up in the base once; no union, no mask of the whole chunk, no agent rows are built.
+    A chunk's deltas are ``float32(agent) - float32(base)`` at the same positions whichever
+    path read them, and exactly 0 elsewhere, so ``|delta| > epsilon`` (epsilon >= 0) marks the
+    same elements. Each agent's positions are looked up in the base once; no union, no mask of
+    the whole chunk, no agent rows are built.
     """
-    base = read_rows(inputs.base, name, start, stop).reshape(-1)
-    stored = _stored_rows(inputs, name, start, stop, base)
+    stored = _stored_rows(inputs, name, start, stop)
     if stored is None:
         return None
-    out, total = [], torch.zeros((), dtype=torch.float32)
+    base = read_rows(inputs.base, name, start, stop).reshape(-1)
+    changes, total = [], torch.zeros((), dtype=torch.float32)
     for positions, values in stored:
         picked = base.index_select(0, positions).to(torch.float32)
         deltas = torch.sub(values, picked, out=torch.empty_like(picked))  # never in place
         total += deltas.sum() + picked.sum()
-        out.append((positions, deltas))
+        changes.append((positions, deltas))
     if (name, start) not in inputs.checked:  # the checks read_chunk makes, on the same values
         if not torch.isfinite(total) or not finite_bits(base):
             _report_non_finite(inputs, name, start, stop)
+        _check_stored_changes(inputs, name, start, stop, changes)
         inputs.checked.add((name, start))
-    return out
+    return StoredChunk(start, stop, base, changes)
+
+
+def stored_changes(
+    inputs: MergeInputs, name: str, start: int, stop: int, epsilon: float
+) -> list[torch.Tensor] | None:
+    """Per agent, the positions in rows ``[start, stop)`` where ``|delta| > epsilon``, from
+    snapshots alone, without reading a value or the base: a snapshot stores exactly the
+    elements beyond its own epsilon, so when that is at least ``epsilon`` its stored positions
+    are the change mask. None when some agent cannot promise that (a checkpoint, a dense or
+    wider snapshot tensor, a smaller snapshot epsilon). The values are checked later, when the
+    merge reads them (:func:`stored_deltas`), and a snapshot whose positions break the promise
+    is refused there, before anything is published."""
+    if not all(getattr(s, "epsilon", -1.0) >= epsilon for s in inputs.agents.values()):
+        return None
+    stored = _stored_rows(inputs, name, start, stop, values=False)
+    return None if stored is None else [positions for positions, _ in stored]
+
+
+def _check_stored_changes(
+    inputs: MergeInputs,
+    name: str,
+    start: int,
+    stop: int,
+    changes: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Refuse a snapshot whose stored elements do not all exceed its epsilon: counts taken
+    from its positions alone (:func:`stored_changes`) would not be the merge's."""
+    for source, (_, deltas) in zip(inputs.agents.values(), changes, strict=True):
+        epsilon = getattr(source, "epsilon", None)
+        if epsilon is not None and not bool((deltas.abs() > epsilon).all()):
+            raise InputError(
+                f"snapshot {source.path}: tensor {name!r} (rows {start}-{stop}) stores elements "
+                f"that changed by no more than its epsilon {epsilon:g}; the snapshot is damaged "
+                "or was not written by ram-trl: take it again with ram-trl snapshot"
+            )
 
 
 _SCRATCH = threading.local()
@@ -323,11 +392,16 @@ def largest_agents(inputs: MergeInputs, deltas: torch.Tensor, limit: int = 2) ->
 
 
 def iter_chunks(
-    inputs: MergeInputs, name: str, device: torch.device | str = "cpu", *, sparse: bool = True
-) -> Iterator[Chunk]:
+    inputs: MergeInputs,
+    name: str,
+    device: torch.device | str = "cpu",
+    *,
+    sparse: bool = True,
+    stored: bool = False,
+) -> Iterator[Chunk | StoredChunk]:
     """Every row chunk of a tensor, in order (see :func:`read_chunk`)."""
     for start, stop in row_chunks(tuple(inputs.base.tensors[name].shape)):
-        yield read_chunk(inputs, name, start, stop, device, sparse=sparse)
+        yield read_chunk(inputs, name, start, stop, device, sparse=sparse, stored=stored)
 
 
 class TensorView:
@@ -338,30 +412,35 @@ class TensorView:
     read again for each sweep and for the merge.
     """
 
-    def __init__(self, inputs: MergeInputs, name: str, device: torch.device) -> None:
+    def __init__(
+        self, inputs: MergeInputs, name: str, device: torch.device, *, stored: bool = False
+    ) -> None:
         self.inputs, self.name, self.device = inputs, name, device
+        #: the merge's chunks may come as :class:`StoredChunk` (its method has a ``rule_at``)
+        self.stored = stored
         self.numel = inputs.base.tensors[name].numel
         self.agents = inputs.agent_names
         self._spans = row_chunks(tuple(inputs.base.tensors[name].shape))
         self._whole: dict[bool, Chunk] = {}
 
-    def _only_chunk(self, sparse: bool) -> Chunk:
-        if sparse not in self._whole:
+    def _only_chunk(self, sparse: bool, stored: bool = False) -> Chunk | StoredChunk:
+        if (sparse, stored) not in self._whole:
             start, stop = self._spans[0]
-            self._whole[sparse] = read_chunk(
-                self.inputs, self.name, start, stop, self.device, sparse=sparse
+            self._whole[sparse, stored] = read_chunk(
+                self.inputs, self.name, start, stop, self.device, sparse=sparse, stored=stored
             )
-        return self._whole[sparse]
+        return self._whole[sparse, stored]
 
-    def chunks(self, *, sparse: bool = True) -> Iterable[Chunk]:
+    def chunks(self, *, sparse: bool = True) -> Iterable[Chunk | StoredChunk]:
+        stored = self.stored and sparse
         if len(self._spans) == 1:
-            return [self._only_chunk(sparse)]
-        return iter_chunks(self.inputs, self.name, self.device, sparse=sparse)
+            return [self._only_chunk(sparse, stored)]
+        return iter_chunks(self.inputs, self.name, self.device, sparse=sparse, stored=stored)
 
     def magnitudes(self) -> Callable[[], Iterable[tuple[torch.Tensor, int]]]:
         if len(self._spans) == 1:
             chunk = self._only_chunk(True)
-            return lambda: [_magnitudes(chunk)]
+            return lambda: [_magnitudes(chunk)]  # type: ignore[arg-type]
         return lambda: map(_magnitudes, iter_chunks(self.inputs, self.name, self.device))
 
 
@@ -411,9 +490,15 @@ class ReadAhead:
         self._lock = threading.Lock()
 
     def read(
-        self, name: str, start: int, stop: int, device: torch.device | str, sparse: bool
-    ) -> Chunk:
-        key = (name, start, stop, str(device), sparse)
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        device: torch.device | str,
+        sparse: bool,
+        stored: bool = False,
+    ) -> Chunk | StoredChunk:
+        key = (name, start, stop, str(device), sparse, stored)
         with self._lock:
             pending, self._pending = self._pending, None
             future = pending[1] if pending is not None and pending[0] == key else None
@@ -422,13 +507,18 @@ class ReadAhead:
                 future = Future()
                 future.set_result(None)
             if after is not None:
-                guess = (*after, str(device), sparse)
-                self._pending = (guess, self._pool.submit(self._read, *after, device, sparse))
+                guess = (*after, str(device), sparse, stored)
+                work = self._pool.submit(self._read, *after, device, sparse, stored)
+                self._pending = (guess, work)
         chunk = future.result()
-        return chunk if chunk is not None else self._read(name, start, stop, device, sparse)
+        if chunk is None:
+            return self._read(name, start, stop, device, sparse, stored)
+        return chunk
 
-    def _read(self, name: str, start: int, stop: int, device: Any, sparse: bool) -> Chunk:
-        return _read_chunk(self.inputs, name, start, stop, device, sparse)
+    def _read(
+        self, name: str, start: int, stop: int, device: Any, sparse: bool, stored: bool
+    ) -> Chunk | StoredChunk:
+        return _read_chunk(self.inputs, name, start, stop, device, sparse, stored)
 
     def __enter__(self) -> ReadAhead:
         self.inputs.read_ahead = self

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks, stored_deltas
+from ram_trl.merging.chunks import (
+    default_threads,
+    read_chunk,
+    row_chunks,
+    stored_changes,
+    stored_deltas,
+)
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
 from ram_trl.merging.report import AgentStats
 from ram_trl.methods import (
@@ -38,10 +44,14 @@ def count_overlaps(
     desc: str = "counting",
     names: Collection[str] | None = None,
     threads: int | None = None,
+    check_values: bool = True,
 ) -> OverlapCounts:
     """An overlap histogram ``(N, N)`` per floating-point tensor (of ``names`` only, when
     given: a rank's part of a split merge), changes counted as ``|tau| > epsilon``. Also
-    validates every value.
+    validates every value, unless ``check_values`` is False: then chunks of snapshots whose
+    stored positions are the change mask are counted from their indices alone
+    (:func:`~ram_trl.merging.chunks.stored_changes`), and the merge that follows checks their
+    values when it reads them.
 
     With ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) chunks are
     read and counted on that many threads, a few ahead of the one being summed: counts are
@@ -53,10 +63,14 @@ def count_overlaps(
     n = len(inputs.agents)
 
     def count(name: str, start: int, stop: int) -> torch.Tensor:
+        numel = (stop - start) * row_numel[name]
+        exact = None if check_values else stored_changes(inputs, name, start, stop, epsilon)
+        if exact is not None:  # snapshots taken at this epsilon: their indices are the mask
+            return overlap_histogram_at(exact, numel)
         stored = stored_deltas(inputs, name, start, stop) if epsilon >= 0 else None
         if stored is not None:  # snapshots: only their stored positions are looked at
-            changed = [p[change_mask(d, epsilon)] for p, d in stored]
-            return overlap_histogram_at(changed, (stop - start) * row_numel[name])
+            changed = [p[change_mask(d, epsilon)] for p, d in stored.changes]
+            return overlap_histogram_at(changed, numel)
         chunk = read_chunk(inputs, name, start, stop, device)
         return overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
 

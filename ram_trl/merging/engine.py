@@ -39,10 +39,12 @@ from ram_trl.io import (
 from ram_trl.merging.chunks import (
     Chunk,
     ReadAhead,
+    StoredChunk,
     TensorView,
     default_threads,
     finite_bits,
     largest_agents,
+    read_chunk,
     resolve_device,
     row_chunks,
 )
@@ -149,6 +151,7 @@ def merge(
                 counts = count_overlaps(
                     inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
                     progress=progress, names=split.counted(inputs), threads=threads,
+                    check_values=dry_run or device.type != "cpu",  # else the merge pass does
                 )  # fmt: skip
             counts = split.combine(counts, inputs)
         plan = spec.prepare_model(params, counts)
@@ -260,9 +263,13 @@ def merge_into(
                         sink.write(name, rows, rows)
                     bar.update(info.nbytes)
                     continue
-                tensor = TensorView(inputs, name, device)
-                for chunk, ctx in spec.prepare_tensor(params, plan, tensor):
-                    merged = spec.rule(chunk.deltas, params, ctx)
+                tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
+                for read, ctx in spec.prepare_tensor(params, plan, tensor):
+                    if isinstance(read, StoredChunk):  # sparse snapshots: their changes only
+                        index, merged = spec.rule_at(read.changes, read.numel, params, ctx)
+                        chunk = read.at(index)
+                    else:
+                        chunk, merged = read, spec.rule(read.deltas, params, ctx)
                     rows = _apply(chunk, merged, out.dtype)
                     if rows is None:
                         raise _non_finite_result(inputs, spec, params, name, chunk, merged, out)
@@ -309,7 +316,11 @@ def _non_finite_result(
     its parameters, and the agents whose deltas are largest there (the likely culprits)."""
     values = chunk.base32 + merged
     bad = ~torch.isfinite(values.to(out.dtype).float())
-    agents = largest_agents(inputs, chunk.deltas[:, bad.to(chunk.deltas.device)])
+    deltas = chunk.deltas
+    if deltas.shape[1] != merged.numel():  # merged from a StoredChunk: read the deltas there
+        whole = read_chunk(inputs, name, chunk.start, chunk.stop, sparse=False)
+        deltas = whole.deltas[:, chunk.index]
+    agents = largest_agents(inputs, deltas[:, bad.to(deltas.device)])
     cause = f"overflows {out.dtype}" if bool(torch.isfinite(values).all()) else "is not finite"
     shown = dataclasses.asdict(params)
     return InputError(

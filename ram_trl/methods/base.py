@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,6 +122,10 @@ class TensorStream(Protocol):
 
 
 Rule = Callable[[torch.Tensor, Any, ChunkContext], torch.Tensor]
+RuleAt = Callable[
+    [Sequence[tuple[torch.Tensor, torch.Tensor]], int, Any, ChunkContext],
+    tuple[torch.Tensor, torch.Tensor],
+]
 
 
 class MergeMethod:
@@ -136,6 +140,11 @@ class MergeMethod:
     #: per-agent unique-delta scales from overlap counts, ``(histogram (N, N), params) -> (N,)``
     #: (the RAM family's lambda); ``None`` for methods that do not scale unique deltas
     scales: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    #: the rule from each agent's changed positions instead of dense deltas, for chunks of
+    #: sparse snapshots: ``(changes [(positions, float32 deltas)] per agent, numel, params,
+    #: ctx) -> (positions, merged deltas there)``, the numbers :meth:`rule` gives; ``None``
+    #: when the method has none (its chunks then come with dense deltas)
+    rule_at: RuleAt | None = None
 
     def __init__(self, name: str, params: type, summary: str, rule: Rule | None = None) -> None:
         self.name, self.params, self.summary = name, params, summary
@@ -177,6 +186,20 @@ class MergeMethod:
         if self._rule is None:
             raise NotImplementedError(f"{type(self).__name__} defines no rule")
         return self._rule(deltas, params, ctx)
+
+
+def agent_sum(deltas: torch.Tensor) -> torch.Tensor:
+    """``deltas.sum(0)`` over the agents ``(N, n) -> (n,)``, added one agent at a time in agent
+    order. torch orders a sum over 5 or more rows by the tensor's width, so an element's sum
+    would depend on how many other elements share its chunk (a checkpoint's candidates, a
+    snapshot's union, the chunk size); in agent order it never does, and for up to 4 agents it
+    is the very same float32 sum."""
+    if deltas.shape[0] == 0:
+        return deltas.sum(0)
+    total = deltas[0].clone()
+    for row in deltas[1:]:
+        total += row
+    return total
 
 
 def each_chunk(

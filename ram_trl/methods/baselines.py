@@ -26,6 +26,7 @@ from ram_trl.methods.base import (
     MergeMethod,
     ModelPlan,
     TensorStream,
+    agent_sum,
     check_range,
     check_scale,
     each_chunk,
@@ -37,9 +38,9 @@ from ram_trl.methods.magnitude import kth_magnitude, trim_count
 def disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
     """TIES' elect + disjoint merge: the sign with the larger summed mass wins (ties go to +),
     and the deltas of that sign are averaged; zeros take no part."""
-    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    elected = torch.where(agent_sum(deltas) >= 0, 1.0, -1.0).to(deltas.dtype)
     agree = torch.sign(deltas) == elected
-    return (deltas * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return agent_sum(deltas * agree) / agree.sum(0).clamp(min=1)
 
 
 def dare(deltas: torch.Tensor, drop: float, seeds: tuple[int, ...]) -> torch.Tensor:
@@ -68,13 +69,13 @@ def chunk_seeds(seed: int, agents: list[str], tensor: str, start: int) -> tuple[
 
 
 def linear_rule(deltas: torch.Tensor, params: LinearParams, ctx: ChunkContext) -> torch.Tensor:
-    return deltas.mean(0)
+    return agent_sum(deltas) / deltas.shape[0]
 
 
 def task_arithmetic_rule(
     deltas: torch.Tensor, params: TaskArithmeticParams, ctx: ChunkContext
 ) -> torch.Tensor:
-    return params.scale * deltas.sum(0)
+    return params.scale * agent_sum(deltas)
 
 
 def ties_rule(deltas: torch.Tensor, params: TiesParams, ctx: ChunkContext) -> torch.Tensor:
@@ -84,7 +85,7 @@ def ties_rule(deltas: torch.Tensor, params: TiesParams, ctx: ChunkContext) -> to
 
 
 def dare_linear_rule(deltas: torch.Tensor, params: DareParams, ctx: ChunkContext) -> torch.Tensor:
-    return params.scale * dare(deltas, params.drop, ctx.seeds).sum(0)
+    return params.scale * agent_sum(dare(deltas, params.drop, ctx.seeds))
 
 
 def dare_ties_rule(deltas: torch.Tensor, params: DareParams, ctx: ChunkContext) -> torch.Tensor:

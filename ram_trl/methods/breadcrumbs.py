@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from ram_trl.methods import base
-from ram_trl.methods.base import ChunkContext, MergeMethod, check_range, check_scale, each_chunk
+from ram_trl.methods.base import (
+    ChunkContext,
+    MergeMethod,
+    agent_sum,
+    check_range,
+    check_scale,
+    each_chunk,
+)
 from ram_trl.methods.magnitude import kth_magnitude, trim_count
 
 
@@ -60,7 +67,7 @@ def breadcrumbs_rule(
     assert ctx.thresholds is not None and ctx.ceilings is not None, "see prepare_tensor"
     size = deltas.abs()
     kept = (size >= ctx.thresholds[:, None]) & (size <= ctx.ceilings[:, None])
-    return params.scale * (deltas * kept).sum(0)
+    return params.scale * agent_sum(deltas * kept)
 
 
 class BreadcrumbsMerge(MergeMethod):

@@ -12,10 +12,12 @@ default (``rho_scope="global"``) or per tensor (``"tensor"``, mergekit's ``rampl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ram_trl.errors import InputError
@@ -27,6 +29,7 @@ from ram_trl.methods.base import (
     ModelPlan,
     OverlapCounts,
     TensorStream,
+    agent_sum,
     check_range,
     each_chunk,
     register,
@@ -59,9 +62,7 @@ def overlap_histogram_at(changed: list[torch.Tensor], numel: int) -> torch.Tenso
     n_agents = len(changed)
     if n_agents == 0:
         return torch.zeros((0, 0), dtype=torch.int64)
-    count = torch.zeros(numel, dtype=torch.uint8 if n_agents < 255 else torch.int32)
-    for positions in changed:
-        count.index_add_(0, positions, torch.ones(positions.numel(), dtype=count.dtype))
+    count = _count_at(changed, numel)
     rows = [
         torch.bincount(count.index_select(0, positions).to(torch.int64), minlength=n_agents + 1)
         for positions in changed
@@ -72,6 +73,14 @@ def overlap_histogram_at(changed: list[torch.Tensor], numel: int) -> torch.Tenso
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """How many agents changed each element (a small integer type: it is computed per chunk)."""
     return mask.sum(0, dtype=torch.uint8 if mask.shape[0] < 255 else torch.int32)
+
+
+def _count_at(changed: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
+    """:func:`_count` from each agent's changed positions (distinct) instead of the mask."""
+    count = torch.zeros(numel, dtype=torch.uint8 if len(changed) < 255 else torch.int32)
+    for positions in changed:
+        count.index_add_(0, positions, torch.ones(positions.numel(), dtype=count.dtype))
+    return count
 
 
 def shared_unique(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +130,87 @@ def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torc
     mask = change_mask(deltas, params.epsilon)
     kept = torch.where(mask, deltas, 0.0)
     count = _count(mask)
-    total = kept.sum(0)
+    total = agent_sum(kept)
     # Only one agent is nonzero where count == 1, so a weighted sum picks lambda_t * tau_t.
     unique = total if ctx.scales is None else ctx.scales.to(kept) @ kept
     return torch.where(count >= 2, total / count, unique)
+
+
+def ram_rule_at(
+    changes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    numel: int,
+    params: RAMParams,
+    ctx: ChunkContext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ram_rule` from each agent's changes in a chunk of ``numel`` elements, in work
+    proportional to them: ``changes[t]`` holds the distinct positions where agent t may differ
+    from the base and its float32 deltas there; every other delta is exactly 0. Returns
+    positions (distinct, in no particular order) and the merged deltas there; every other
+    merged delta is 0.
+
+    The numbers are :func:`ram_rule`'s bit for bit: a unique element's lambda_t * tau_t is one
+    float32 product either way, and a shared element's deltas are added in agent order, as
+    :func:`~ram_trl.methods.base.agent_sum` adds them, then divided by the same count. Two
+    scratch buffers of ``numel`` elements are reused per
+    thread, so no chunk pays for fresh memory; nothing else touches more than the changes.
+    """
+    count, slot = _scratch(numel, len(changes))
+    changed = []
+    for positions, deltas in changes:
+        mask = change_mask(deltas, params.epsilon)
+        if not bool(mask.all()):
+            keep = _flatnonzero(mask)
+            positions, deltas = positions.index_select(0, keep), deltas.index_select(0, keep)
+        count.index_add_(0, positions, torch.ones_like(positions, dtype=count.dtype))
+        changed.append((positions, deltas))
+    where, merged, shared, counts, columns = [], [], [], [], []
+    width = 0
+    for t, (positions, deltas) in enumerate(changed):
+        alone = count.index_select(0, positions) == 1
+        unique, together = _flatnonzero(alone), _flatnonzero(~alone)
+        where.append(positions.index_select(0, unique))
+        values = deltas.index_select(0, unique)
+        merged.append(values if ctx.scales is None else values * ctx.scales[t].to(values))
+        # A shared position gets its column from the first agent that changed it; count there
+        # is then reset to 0, which tells the agents after it that the column exists.
+        at = positions.index_select(0, together)
+        how_many = count.index_select(0, at)
+        new = _flatnonzero(how_many != 0)
+        first = at.index_select(0, new)
+        count.index_fill_(0, at, 0)
+        slot.index_copy_(0, first, torch.arange(width, width + first.numel(), dtype=slot.dtype))
+        width += first.numel()
+        shared.append(first)
+        counts.append(how_many.index_select(0, new))
+        columns.append((slot.index_select(0, at), deltas.index_select(0, together)))
+    # agent_sum's total, as ram_rule takes it: agent by agent in agent order (each adds once
+    # to each of its elements; the agents that did not change one add nothing, as their 0 does)
+    total = torch.zeros(width, dtype=torch.float32)
+    for column, values in columns:
+        total.index_add_(0, column, values)
+    mean = total / torch.cat(counts)
+    return torch.cat(shared + where), torch.cat([mean, *merged])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, agents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed per-element counter (uint8 below 255 agents) and a position -> column map for
+    a chunk of ``numel`` elements, reused by each thread: fresh memory costs a page fault per
+    page touched, and the changes of an RL agent touch nearly every page."""
+    have = getattr(_SCRATCH, "buffers", None)
+    if have is None or have[0].numel() < numel:
+        have = (torch.empty(numel, dtype=torch.uint8), torch.empty(numel, dtype=torch.int64))
+        _SCRATCH.buffers = have
+    wide = agents >= 255
+    count = torch.zeros(numel, dtype=torch.int32) if wide else have[0][:numel].zero_()
+    return count, have[1][:numel]
+
+
+def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Positions where ``mask`` is set (int64): numpy's is several times faster than torch's."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 def _validate(method: str, params: object) -> None:
@@ -179,6 +265,8 @@ class ArmRV2Params:
 class RAMMerge(MergeMethod):
     """The RAM family: Eq. 7 per chunk; lambda_t from overlap counts (``scales``), over the whole
     model or per tensor (``rho_scope``), decided once before merging."""
+
+    rule_at = staticmethod(ram_rule_at)
 
     def __init__(self, name: str, params: type, summary: str, scales: Any | None = None) -> None:
         super().__init__(name, params, summary, ram_rule)

@@ -127,15 +127,23 @@ class TaskVectorSource:
             rows.view(-1)[idx - start * e.row_numel] = self._files.read(values_key(name), lo, hi)
         return rows
 
+    @property
+    def epsilon(self) -> float:
+        """The snapshot's change threshold: it stores exactly the elements whose
+        ``|float32(tuned) - float32(base)|`` exceeds it (``nnz`` in the manifest)."""
+        return self.manifest.epsilon
+
     def changed_rows(
-        self, name: str, start: int, stop: int, base: Any
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self, name: str, start: int, stop: int, base: Any, *, values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Where rows ``[start, stop)`` of tensor ``name`` may differ from ``base``'s, and the
         agent's values there: flat positions within the rows (int64, increasing) and values in
-        the agent's dtype. Everywhere else the rows :meth:`read` returns are ``base``'s bit for
-        bit, so a merge reads only these (a few percent of a checkpoint) instead of rebuilding
-        the rows. None when that cannot be promised: another base than this snapshot's, a dense
-        tensor, or one stored in another dtype than the base's (its rows are rounded copies)."""
+        the agent's dtype (None with ``values=False``). Everywhere else the rows :meth:`read`
+        returns are ``base``'s bit for bit, so a merge reads only these (a few percent of a
+        checkpoint) instead of rebuilding the rows. The positions are the elements whose delta
+        exceeds :attr:`epsilon`. None when that cannot be promised: another base than this
+        snapshot's, a dense tensor, or one stored in another dtype than the base's (its rows
+        are rounded copies)."""
         e = self.manifest.tensors.get(name)
         if e is None or not self._is_base(base) or e.layout == "dense":
             return None
@@ -144,11 +152,13 @@ class TaskVectorSource:
         if not e.shape:
             start, stop = 0, 1
         if e.layout == "unchanged" or stop <= start:
-            return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=e.torch_dtype)
+            empty = torch.empty(0, dtype=e.torch_dtype) if values else None
+            return torch.empty(0, dtype=torch.int64), empty
         offsets = self._offsets(e)
         lo, hi = int(offsets[start]), int(offsets[stop])
         idx = self._files.read(indices_key(name), lo, hi).to(torch.int64)
-        return idx - start * e.row_numel, self._files.read(values_key(name), lo, hi)
+        stored = self._files.read(values_key(name), lo, hi) if values else None
+        return idx - start * e.row_numel, stored
 
     def _is_base(self, base: Any) -> bool:
         """``base`` is the folder this snapshot is applied to (the same object or path)."""
