@@ -142,6 +142,18 @@ def test_overlap_histogram_from_positions_is_the_same(rows):
     assert torch.equal(overlap_histogram_at(changed, 6), overlap_histogram(mask))
 
 
+@given(st.lists(st.lists(st.booleans(), min_size=7, max_size=7), min_size=1, max_size=6))
+def test_overlap_histogram_is_the_count_by_definition(rows):
+    """H[t, k]: what agent t changed that exactly k others changed too, counted one by one."""
+    n = len(rows)
+    expected = [[0] * n for _ in range(n)]
+    for t, row in enumerate(rows):
+        for i, changed in enumerate(row):
+            if changed:
+                expected[t][sum(r[i] for r in rows) - 1] += 1
+    assert overlap_histogram(torch.tensor(rows, dtype=torch.bool)).tolist() == expected
+
+
 # --- baselines, by hand ----------------------------------------------------------------------
 
 
