@@ -20,7 +20,7 @@ from ram_trl.methods import (
 )
 from ram_trl.methods.baselines import disjoint_mean
 from ram_trl.methods.magnitude import kth_largest, trim_count
-from ram_trl.methods.ram import overlap_ratio
+from ram_trl.methods.ram import RAMParams, overlap_ratio
 
 EPS = 1e-5
 
@@ -267,6 +267,29 @@ def test_unchanged_elements_stay_exactly_base(deltas, method):
 def test_one_agent_gives_the_agent(deltas, method):
     expected = torch.where(change_mask(deltas, EPS), deltas, 0)[0]
     assert torch.equal(run(method, deltas), expected)
+
+
+@given(
+    sparse_deltas(max_agents=6),
+    st.sampled_from([0.0, 5e-6, EPS, 0.5]),
+    st.sampled_from([None, (1.0, 1.1, 1.5, 2.0, 1.25, 1.0)]),
+)
+def test_ram_rule_is_eq7_with_where_bit_for_bit(deltas, epsilon, lambdas_):
+    """The rule's arithmetic shortcuts (``hardshrink`` for the masked deltas, a division by
+    ``max(count, 1)``) give Eq. 7 written plainly with ``torch.where``, down to the sign of
+    zero, for any epsilon."""
+    scales = None if lambdas_ is None else torch.tensor(lambdas_[: deltas.shape[0]])
+    got = get_method("ram").rule(deltas, RAMParams(epsilon=epsilon), ChunkContext(scales))
+    mask = deltas.abs() > epsilon
+    kept = torch.where(mask, deltas, 0.0)
+    count, total = mask.sum(0), kept.sum(0) if deltas.shape[0] < 5 else None
+    if total is None:  # agent order, as the rule sums (see agent_sum)
+        total = kept[0].clone()
+        for row in kept[1:]:
+            total += row
+    unique = total if scales is None else scales @ kept
+    expected = torch.where(count >= 2, total / count, unique)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
 @given(sparse_deltas(), st.randoms(), st.sampled_from(RAM_FAMILY + ("linear", "ties")))

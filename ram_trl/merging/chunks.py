@@ -185,15 +185,37 @@ def _candidates(base: torch.Tensor, agents: list[torch.Tensor]) -> torch.Tensor 
     view = _BIT_VIEWS.get(base.dtype.itemsize)
     if view is None or not base.dtype.is_floating_point or base.numel() == 0:
         return None
-    differs = None
+    pairs = []
     for agent in agents:  # bits of each agent against the base at the agent's precision
         reference = compared_base(base, agent.dtype)
         if reference.dtype != agent.dtype or agent.dtype.itemsize not in _BIT_VIEWS:
             return None
-        changed = _bits(agent) != _bits(reference)
-        differs = changed if differs is None else differs | changed
-    index = torch.from_numpy(np.flatnonzero(differs.numpy()))  # ~5x faster than torch.nonzero
+        pairs.append((_bits(agent).numpy(), _bits(reference).numpy()))
+    index = torch.from_numpy(np.flatnonzero(_differs_anywhere(pairs)))  # 5x torch.nonzero's speed
     return index if index.numel() <= SPARSE_LIMIT * base.numel() else None
+
+
+#: bytes of each input compared at a time: a block of every input stays in a core's L2 cache
+_COMPARE_BLOCK = 512 * 1024
+
+
+def _differs_anywhere(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Where some pair ``(a, b)`` of equal-length integer arrays has ``a != b``.
+
+    Compared block by block, so the mask being or-ed stays in cache: the comparisons are bound
+    by memory bandwidth, and whole-chunk masks (one per agent, each written, then read back)
+    took twice as long on the 0.5B benchmark. numpy, as :func:`bits_differ` says, is ~7x torch.
+    """
+    size = pairs[0][0].size
+    block = max(_COMPARE_BLOCK // pairs[0][0].itemsize, 1)
+    differs, scratch = np.empty(size, dtype=bool), np.empty(min(block, size), dtype=bool)
+    for lo in range(0, size, block):
+        hi = min(lo + block, size)
+        out, tmp = differs[lo:hi], scratch[: hi - lo]
+        np.not_equal(pairs[0][0][lo:hi], pairs[0][1][lo:hi], out=out)
+        for a, b in pairs[1:]:
+            np.logical_or(out, np.not_equal(a[lo:hi], b[lo:hi], out=tmp), out=out)
+    return differs
 
 
 def _stored_rows(
@@ -241,13 +263,13 @@ def _changed_values(
     index = torch.from_numpy(np.flatnonzero(marked.numpy()))
     slot.index_copy_(0, index, count[: index.numel()])  # position -> its place in ``index``
     picked, agents = base.index_select(0, index), []
-    differs = torch.zeros(index.numel(), dtype=torch.bool)
+    differs = np.zeros(index.numel(), dtype=bool)
     for positions, values in stored:
         place = slot.index_select(0, positions).to(torch.int64)
         agents.append(picked.clone().index_copy_(0, place, values))
-        differs |= _bits(agents[-1]) != _bits(picked)
-    if not bool(differs.all()):  # a stored value equal to the base's is no change
-        keep = torch.from_numpy(np.flatnonzero(differs.numpy()))
+        differs |= bits_differ(agents[-1], picked)
+    if not differs.all():  # a stored value equal to the base's is no change
+        keep = torch.from_numpy(np.flatnonzero(differs))
         index, picked = index[keep], picked[keep]
         agents = [a[keep] for a in agents]
     if index.numel() > SPARSE_LIMIT * base.numel():
@@ -338,6 +360,13 @@ def _scratch(numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _bits(values: torch.Tensor) -> torch.Tensor:
     """The stored bits of a float tensor as integers of the same width (exact comparisons)."""
     return values.view(_BIT_VIEWS[values.dtype.itemsize])
+
+
+def bits_differ(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Where two CPU float tensors of one dtype differ bit for bit. numpy's integer ``!=`` is
+    ~7x faster than torch's on int16 (0.6 against 4.4 ms for 4M elements, one thread), and it is
+    the same exact comparison."""
+    return np.not_equal(_bits(a).numpy(), _bits(b).numpy())
 
 
 def finite_bits(values: torch.Tensor) -> bool:
