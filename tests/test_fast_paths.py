@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import ram_trl
 from ram_trl.merging import chunks
+from ram_trl.merging import spill as spill_module
 from ram_trl.snapshot.source import TaskVectorSource
 from ram_trl.snapshot.task_vector import snapshot_folders
 
@@ -384,3 +385,74 @@ def test_a_snapshot_storing_an_unchanged_element_is_refused(
         for source in sources.values():
             source.close()
     assert not (tmp_path / "out").exists()
+
+
+ONE_PASS = [
+    ("ram_plus", {}),
+    ("ram_plus", {"rho_scope": "tensor"}),
+    ("ram_plus_s", {}),
+    ("arm_r_v2", {}),
+]
+
+
+def merge_one_pass(base, agents, out: Path, threads: int) -> dict[str, dict[str, bytes]]:
+    got = {}
+    for method, params in ONE_PASS:
+        folder = out / f"{method}-{len(params)}"
+        ram_trl.merge(
+            base, agents, method, folder, params=params, progress=False, threads=threads,
+            shard_size="40KB",
+        )  # fmt: skip
+        got[f"{method} {params}"] = files(folder)
+    return got
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_pass_merges_give_the_two_pass_bytes(
+    layout, threads, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """The RAM family merges checkpoints while it counts (``merging.spill``): the files equal a
+    two-pass merge's (no spill allowed), also when only some tensors fit the spill's budget and
+    when the disk fills up while spilling. Nothing is left beside the outputs."""
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, layout)
+    agents = tiny_agents_factory(base, ("a", "b", "c"), density=[0.05, 0.2, 0.6])
+    replayed: list[str] = []
+    take = spill_module.Spill.take
+    monkeypatch.setattr(
+        spill_module.Spill,
+        "take",
+        lambda self, name, start: replayed.append(name) or take(self, name, start),
+    )
+    one = merge_one_pass(base, agents, tmp_path / "one", threads)
+    every = set(replayed)
+    assert every and sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
+        f"{m}-{len(p)}" for m, p in ONE_PASS
+    )
+
+    monkeypatch.setattr(spill_module, "DISK_SHARE", 0.0)  # nothing with a change fits
+    replayed.clear()
+    two = merge_one_pass(base, agents, tmp_path / "two", threads)
+    assert one == two and len(set(replayed)) < len(every)
+
+    beside = spill_module.Spill.beside.__func__
+    monkeypatch.setattr(spill_module, "DISK_SHARE", 0.5)
+    monkeypatch.setattr(
+        spill_module.Spill, "beside", classmethod(lambda cls, out, n: cls(tmp_path, 60_000))
+    )
+    replayed.clear()
+    assert merge_one_pass(base, agents, tmp_path / "part", threads) == one
+    assert 0 < len(set(replayed)) < len(every)
+
+    writes = iter(range(10))
+    pwritev = spill_module.os.pwritev
+
+    def fills_up(fd, views, offset):
+        if next(writes, None) is None:
+            raise OSError(28, "No space left on device")
+        return pwritev(fd, views, offset)
+
+    monkeypatch.setattr(spill_module.Spill, "beside", classmethod(beside))
+    monkeypatch.setattr(spill_module.os, "pwritev", fills_up)
+    replayed.clear()
+    assert merge_one_pass(base, agents, tmp_path / "full", threads) == one
+    assert 0 < len(set(replayed)) < len(every)

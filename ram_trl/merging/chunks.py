@@ -98,8 +98,14 @@ class StoredChunk:
     def at(self, index: torch.Tensor) -> Chunk:
         """The chunk restricted to ``index`` (distinct positions, any order), for writing a
         merged delta given there; it holds no deltas."""
-        base32 = self.base.index_select(0, index).to(torch.float32)
-        return Chunk(self.start, self.stop, self.base, index, base32, torch.empty(0, 0))
+        return chunk_at(self.start, self.stop, self.base, index)
+
+
+def chunk_at(start: int, stop: int, base: torch.Tensor, index: torch.Tensor) -> Chunk:
+    """Rows ``[start, stop)`` of ``base`` (flat) as a :class:`Chunk` at ``index`` (distinct
+    positions, any order) without deltas: what a merged delta given there is applied to."""
+    base32 = base.index_select(0, index).to(torch.float32)
+    return Chunk(start, stop, base, index, base32, torch.empty(0, 0))
 
 
 def read_chunk(

@@ -25,6 +25,7 @@ from ram_trl.merging.chunks import (
 )
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
 from ram_trl.merging.report import AgentStats
+from ram_trl.merging.spill import Spill, spilled_entry
 from ram_trl.methods import (
     ModelPlan,
     OverlapCounts,
@@ -33,6 +34,9 @@ from ram_trl.methods import (
     overlap_histogram_at,
 )
 from ram_trl.methods.ram import overlap_ratio, shared_unique
+
+#: a method's ``unscaled_rule`` with its parameters bound: ``deltas -> (merged, owners)``
+UnscaledRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def count_overlaps(
@@ -45,6 +49,8 @@ def count_overlaps(
     names: Collection[str] | None = None,
     threads: int | None = None,
     check_values: bool = True,
+    spill: Spill | None = None,
+    unscaled: UnscaledRule | None = None,
 ) -> OverlapCounts:
     """An overlap histogram ``(N, N)`` per floating-point tensor (of ``names`` only, when
     given: a rank's part of a split merge), changes counted as ``|tau| > epsilon``. Also
@@ -58,21 +64,31 @@ def count_overlaps(
     integers, so the histograms are the same whatever the order. Chunks whose agents are all
     sparse snapshots of this base are counted from their stored positions alone
     (:func:`~ram_trl.merging.chunks.stored_deltas`): the same counts, in work proportional to the
-    snapshots rather than to the model."""
+    snapshots rather than to the model.
+
+    With a ``spill``, every chunk is also merged by ``unscaled`` (a method's
+    ``unscaled_rule``, its parameters bound) and kept there for the merge pass."""
     threads = default_threads() if threads is None else threads
     n = len(inputs.agents)
 
-    def count(name: str, start: int, stop: int) -> torch.Tensor:
+    def count(name: str, start: int, stop: int) -> tuple[torch.Tensor, Any]:
         numel = (stop - start) * row_numel[name]
-        exact = None if check_values else stored_changes(inputs, name, start, stop, epsilon)
+        exact = None
+        if spill is None and not check_values:
+            exact = stored_changes(inputs, name, start, stop, epsilon)
         if exact is not None:  # snapshots taken at this epsilon: their indices are the mask
-            return overlap_histogram_at(exact, numel)
-        stored = stored_deltas(inputs, name, start, stop) if epsilon >= 0 else None
+            return overlap_histogram_at(exact, numel), None
+        stored = None
+        if spill is None and epsilon >= 0:
+            stored = stored_deltas(inputs, name, start, stop)
         if stored is not None:  # snapshots: only their stored positions are looked at
             changed = [p[change_mask(d, epsilon)] for p, d in stored.changes]
-            return overlap_histogram_at(changed, numel)
+            return overlap_histogram_at(changed, numel), None
         chunk = read_chunk(inputs, name, start, stop, device)
-        return overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
+        hist = overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
+        if spill is None or unscaled is None:
+            return hist, None
+        return hist, spilled_entry(chunk.index, *unscaled(chunk.deltas))
 
     histograms, row_numel = {}, {}
     work = []
@@ -88,8 +104,10 @@ def count_overlaps(
         tensors = [inputs.base.tensors[name] for name in mine]
         bar.update(sum(i.nbytes for i in tensors if not is_float_tensor(i)))
         parts = _in_order(pool, count, work, 2 * threads)
-        for (name, _, stop), part in zip(work, parts, strict=True):
+        for (name, start, stop), (part, merged) in zip(work, parts, strict=True):
             histograms[name] += part
+            if merged is not None:
+                spill.put(name, start, merged)  # type: ignore[union-attr]
             if stop == inputs.base.tensors[name].rows:
                 bar.update(inputs.base.tensors[name].nbytes)
     return OverlapCounts(n, histograms)

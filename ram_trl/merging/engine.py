@@ -5,13 +5,15 @@ lambdas, TIES' thresholds, DARE's seeds) is the method's own business (see
 :mod:`ram_trl.methods.base`). Memory stays at a few chunks whatever the model size: tensors are
 read a row chunk at a time from every input, merged in float32 by the method's rule, and handed to
 an output sink (safetensors shards, or a LoRA adapter). I/O cost: ``ram`` and the baselines read
-every input byte once; methods that need overlap counts (RAM+, RAM+s, arm-r-v2) make a counting
-pass first, because the paper's rho is a whole-model quantity, so they read every byte twice;
-TIES reads a tensor larger than one chunk three times (two sweeps for its exact thresholds).
-Both passes use the cores: the counting pass counts chunks on several threads, and the merge
-reads the next chunk and writes the last one on their own threads (``threads``, same bytes).
-A one-pass RAM+ that patches the output afterwards would rewrite nearly every page of it (see
-benchmarks/README.md), which costs more disk time here than the counting pass costs.
+every input byte once. Methods that need overlap counts (RAM+, RAM+s, arm-r-v2) make a counting
+pass first, because the paper's rho is a whole-model quantity; on checkpoints it merges every
+chunk with lambda = 1 while it counts and keeps that in a spill (:mod:`ram_trl.merging.spill`,
+about 9 bytes per changed element), so the merge pass reads only the base and the spill and
+scales the unique deltas. Without room for a spill, and for snapshots (counted from their stored
+indices), they read every byte twice. TIES reads a tensor larger than one chunk three times
+(two sweeps for its exact thresholds). Both passes use the cores: the counting pass counts
+chunks on several threads, and the merge reads the next chunk and writes the last one on their
+own threads (``threads``, same bytes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from ram_trl.merging.chunks import (
     ReadAhead,
     StoredChunk,
     TensorView,
+    chunk_at,
     default_threads,
     finite_bits,
     largest_agents,
@@ -58,6 +61,7 @@ from ram_trl.merging.inputs import (
 )
 from ram_trl.merging.report import AdapterReport, MergeReport
 from ram_trl.merging.sinks import BackgroundSink, ModelSink, OutputSink
+from ram_trl.merging.spill import Spill
 from ram_trl.merging.split import Split
 from ram_trl.methods import CHANGE_EPSILON, MergeMethod, ModelPlan, get_method
 
@@ -143,15 +147,17 @@ def merge(
             )
         inputs = open_inputs(base, agents)
 
-    with inputs:
+    with inputs, _one_pass_spill(spec, inputs, out, out_dtype, device, split, dry_run) as spill:
         counts = None
         if spec.needs_counts or dry_run:
             epsilon = spec.change_epsilon(params)
+            unscaled = spec.unscaled_rule
             with split.together():
                 counts = count_overlaps(
                     inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
                     progress=progress, names=split.counted(inputs), threads=threads,
                     check_values=dry_run or device.type != "cpu",  # else the merge pass does
+                    spill=spill, unscaled=unscaled and (lambda deltas: unscaled(deltas, params)),
                 )  # fmt: skip
             counts = split.combine(counts, inputs)
         plan = spec.prepare_model(params, counts)
@@ -201,8 +207,9 @@ def merge(
                 )
             mine = specs if share is None else share.specs
             report.files = merge_into(
-                sink, inputs, spec, params, plan, mine, device, progress, threads=threads
-            )
+                sink, inputs, spec, params, plan, mine, device, progress, threads=threads,
+                spill=spill,
+            )  # fmt: skip
             if share is not None:
                 report.files = share.files
             if lora_rank is not None:
@@ -216,6 +223,26 @@ def merge(
                 for name, data in (extra_files or {}).items():
                     (tmp / name).write_bytes(data)
     return report
+
+
+def _one_pass_spill(
+    spec: MergeMethod,
+    inputs: MergeInputs,
+    out: str | os.PathLike | None,
+    out_dtype: torch.dtype | None,
+    device: torch.device,
+    split: Split,
+    dry_run: bool,
+) -> Any:
+    """A :class:`~ram_trl.merging.spill.Spill` (a context manager) when the merge can be one
+    pass over the agents: a method that merges while it counts (``unscaled_rule``), on the CPU,
+    in one process, from checkpoints. Snapshots are counted from their stored indices, which
+    costs less than any spill. Otherwise ``nullcontext(None)``."""
+    one_pass = spec.needs_counts and spec.unscaled_rule is not None and out is not None
+    one_pass = one_pass and not dry_run and device.type == "cpu" and not split.active
+    if not one_pass or any(hasattr(a, "changed_rows") for a in inputs.agents.values()):
+        return nullcontext(None)
+    return Spill.beside(out, sum(s.nbytes for s in _output_specs(inputs, out_dtype)))
 
 
 def _output_specs(inputs: MergeInputs, out_dtype: torch.dtype | None) -> list[TensorSpec]:
@@ -240,18 +267,23 @@ def merge_into(
     progress: bool,
     *,
     threads: int | None = None,
+    spill: Spill | None = None,
 ) -> list[str]:
     """Merge every tensor into ``sink`` and close it; returns the files it wrote.
 
     Tensors are merged one at a time in ``specs`` order (any subset of the model's). With
     ``threads`` > 1 (default: :func:`~ram_trl.merging.chunks.default_threads`) the next chunk is
     read on one thread and the last one written on another while this one is merged; the bytes
-    are the same as with one thread.
+    are the same as with one thread. Tensors the counting pass already merged into ``spill``
+    are read from it and the base, and only rescaled here.
     """
     threads = default_threads() if threads is None else threads
     if threads > 1:
         sink = BackgroundSink(sink)
-    ahead = ReadAhead(inputs, [out.name for out in specs]) if threads > 1 else nullcontext()
+    spilled = {out.name for out in specs if spill is not None and spill.holds(out.name)}
+    ahead: Any = nullcontext()
+    if threads > 1:
+        ahead = ReadAhead(inputs, [out.name for out in specs if out.name not in spilled])
     try:
         with ahead, inputs.progress(progress, f"merging ({spec.name})") as bar:
             for out in specs:
@@ -263,13 +295,12 @@ def merge_into(
                         sink.write(name, rows, rows)
                     bar.update(info.nbytes)
                     continue
-                tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
-                for read, ctx in spec.prepare_tensor(params, plan, tensor):
-                    if isinstance(read, StoredChunk):  # sparse snapshots: their changes only
-                        index, merged = spec.rule_at(read.changes, read.numel, params, ctx)
-                        chunk = read.at(index)
-                    else:
-                        chunk, merged = read, spec.rule(read.deltas, params, ctx)
+                merged_chunks = (
+                    _replayed(inputs, spec, plan, name, spill)  # type: ignore[arg-type]
+                    if name in spilled
+                    else _merged(inputs, spec, params, plan, name, device)
+                )
+                for chunk, merged in merged_chunks:
                     rows = _apply(chunk, merged, out.dtype)
                     if rows is None:
                         raise _non_finite_result(inputs, spec, params, name, chunk, merged, out)
@@ -280,6 +311,35 @@ def merge_into(
     except BaseException:
         sink.abort()
         raise
+
+
+def _merged(
+    inputs: MergeInputs,
+    spec: MergeMethod,
+    params: Any,
+    plan: ModelPlan,
+    name: str,
+    device: torch.device,
+) -> Iterator[tuple[Chunk, torch.Tensor]]:
+    """Each chunk of tensor ``name`` with its merged delta, read from the inputs."""
+    tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
+    for read, ctx in spec.prepare_tensor(params, plan, tensor):
+        if isinstance(read, StoredChunk):  # sparse snapshots: their changes only
+            index, merged = spec.rule_at(read.changes, read.numel, params, ctx)  # type: ignore[misc]
+            yield read.at(index), merged
+        else:
+            yield read, spec.rule(read.deltas, params, ctx)
+
+
+def _replayed(
+    inputs: MergeInputs, spec: MergeMethod, plan: ModelPlan, name: str, spill: Spill
+) -> Iterator[tuple[Chunk, torch.Tensor]]:
+    """Each chunk of tensor ``name`` with its merged delta, from what the counting pass merged
+    (``spill``) and the base, the plan's scales applied now."""
+    for start, stop in row_chunks(tuple(inputs.base.tensors[name].shape)):
+        positions, merged, owners = spill.take(name, start)
+        base = read_rows(inputs.base, name, start, stop).reshape(-1)
+        yield chunk_at(start, stop, base, positions), spec.rescale(merged, owners, plan, name)
 
 
 def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:

@@ -145,6 +145,11 @@ class MergeMethod:
     #: ctx) -> (positions, merged deltas there)``, the numbers :meth:`rule` gives; ``None``
     #: when the method has none (its chunks then come with dense deltas)
     rule_at: RuleAt | None = None
+    #: the rule in two steps, for methods whose whole-model statistics only scale the agents'
+    #: unique deltas (the RAM family): ``(deltas, params) -> (merged deltas with every scale 1,
+    #: owners)``, run while counting; :meth:`rescale` of that, once the counts are known, is
+    #: :meth:`rule`'s result bit for bit (a one-pass merge). ``None``: no such split
+    unscaled_rule: Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(self, name: str, params: type, summary: str, rule: Rule | None = None) -> None:
         self.name, self.params, self.summary = name, params, summary
@@ -180,6 +185,12 @@ class MergeMethod:
     ) -> Iterator[tuple[Chunk, ChunkContext]]:
         """Per floating-point tensor: its chunks, each with the context of its rule."""
         return each_chunk(tensor, ChunkContext())
+
+    def rescale(
+        self, merged: torch.Tensor, owners: torch.Tensor, plan: ModelPlan, name: str
+    ) -> torch.Tensor:
+        """Per chunk of tensor ``name``: :attr:`unscaled_rule`'s result with the plan's scales."""
+        raise NotImplementedError(f"{type(self).__name__} has no unscaled_rule")
 
     def rule(self, deltas: torch.Tensor, params: Any, ctx: ChunkContext) -> torch.Tensor:
         """Per chunk: the merged task vector ``(n,)`` of ``deltas`` ``(N, n)``."""

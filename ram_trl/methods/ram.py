@@ -139,16 +139,32 @@ def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torc
 
     ``ctx.scales`` holds lambda_t (absent for plain RAM, where lambda = 1).
     """
-    kept = kept_changes(deltas, params.epsilon)
-    count = _count(change_mask(deltas, params.epsilon))
-    total = agent_sum(kept)
-    # Where count <= 1, total is the one changing delta (or 0): dividing by 1 keeps it exactly.
-    mean = total / count.clamp(min=1)
-    if ctx.scales is None:
-        return mean
-    # Only one agent is nonzero where count == 1, so a weighted sum picks lambda_t * tau_t.
-    unique = ctx.scales.to(kept) @ kept
-    return torch.where(count >= 2, mean, unique)
+    merged, owners = ram_rule_unscaled(deltas, params)
+    return merged if ctx.scales is None else scale_unique(merged, owners, ctx.scales)
+
+
+def ram_rule_unscaled(deltas: torch.Tensor, params: RAMParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 with every lambda 1 (plain RAM), and who owns each unique element: ``owners[i]``
+    is 1 + the one agent that changed element i, or 0 when none or several did. The lambdas
+    multiply nothing else, so :func:`scale_unique` applies them later, once whole-model counts
+    are known: a one-pass RAM+ merges while it counts."""
+    mask = change_mask(deltas, params.epsilon)
+    count = _count(mask)
+    # Where count <= 1 the sum is the one changing delta (or 0): dividing by 1 keeps it exactly.
+    merged = agent_sum(kept_changes(deltas, params.epsilon)) / count.clamp(min=1)
+    owners = torch.zeros_like(count)
+    for t, changed in enumerate(mask):
+        owners.add_(changed.to(owners.dtype), alpha=t + 1)
+    return merged, owners.mul_((count == 1).to(owners.dtype))
+
+
+def scale_unique(merged: torch.Tensor, owners: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`ram_rule_unscaled`'s merged deltas with the unique ones scaled by their owner's
+    lambda: the rule's result bit for bit (a unique element's lambda_t * tau_t is one float32
+    product either way; everything else is multiplied by exactly 1)."""
+    one = torch.ones(1, dtype=merged.dtype, device=merged.device)
+    factors = torch.cat([one, scales.to(merged)])
+    return merged * factors.index_select(0, owners.to(torch.int32))
 
 
 def ram_rule_at(
@@ -282,6 +298,7 @@ class RAMMerge(MergeMethod):
     model or per tensor (``rho_scope``), decided once before merging."""
 
     rule_at = staticmethod(ram_rule_at)
+    unscaled_rule = staticmethod(ram_rule_unscaled)
 
     def __init__(self, name: str, params: type, summary: str, scales: Any | None = None) -> None:
         super().__init__(name, params, summary, ram_rule)
@@ -303,6 +320,12 @@ class RAMMerge(MergeMethod):
         self, params: Any, plan: ModelPlan, tensor: TensorStream
     ) -> Iterator[tuple[Chunk, ChunkContext]]:
         return each_chunk(tensor, ChunkContext(scales=plan.scales.get(tensor.name)))
+
+    def rescale(
+        self, merged: torch.Tensor, owners: torch.Tensor, plan: ModelPlan, name: str
+    ) -> torch.Tensor:
+        scales = plan.scales.get(name)
+        return merged if scales is None else scale_unique(merged, owners, scales)
 
 
 register(RAMMerge("ram", RAMParams, "RAM: Eq. 7 with lambda = 1"))
