@@ -456,3 +456,20 @@ def test_one_pass_merges_give_the_two_pass_bytes(
     replayed.clear()
     assert merge_one_pass(base, agents, tmp_path / "full", threads) == one
     assert 0 < len(set(replayed)) < len(every)
+
+
+def test_no_room_for_a_spill_merges_in_two_passes(
+    tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """A spill that cannot be created (no right to write there, say) is no error: the merge
+    reads the agents twice, with the same bytes."""
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, False)
+    agents = tiny_agents_factory(base, ("a", "b"), density=0.1)
+    ram_trl.merge(base, agents, "ram_plus", tmp_path / "one", progress=False)
+
+    def refuse(cls, out, output_bytes):
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(spill_module.Spill, "beside", classmethod(refuse))
+    ram_trl.merge(base, agents, "ram_plus", tmp_path / "two", progress=False)
+    assert files(tmp_path / "one") == files(tmp_path / "two")

@@ -237,12 +237,15 @@ def _one_pass_spill(
     """A :class:`~ram_trl.merging.spill.Spill` (a context manager) when the merge can be one
     pass over the agents: a method that merges while it counts (``unscaled_rule``), on the CPU,
     in one process, from checkpoints. Snapshots are counted from their stored indices, which
-    costs less than any spill. Otherwise ``nullcontext(None)``."""
+    costs less than any spill. Otherwise, or when no spill can be made, ``nullcontext(None)``."""
     one_pass = spec.needs_counts and spec.unscaled_rule is not None and out is not None
     one_pass = one_pass and not dry_run and device.type == "cpu" and not split.active
     if not one_pass or any(hasattr(a, "changed_rows") for a in inputs.agents.values()):
         return nullcontext(None)
-    return Spill.beside(out, sum(s.nbytes for s in _output_specs(inputs, out_dtype)))
+    try:
+        return Spill.beside(out, sum(s.nbytes for s in _output_specs(inputs, out_dtype)))
+    except OSError:  # no room or no right to write there: two passes (writing out will say why)
+        return nullcontext(None)
 
 
 def _output_specs(inputs: MergeInputs, out_dtype: torch.dtype | None) -> list[TensorSpec]:
