@@ -4,6 +4,7 @@ ask the method, write the output, report what was done.
 * :mod:`~ram_trl.merging.inputs`: one base and N agents, checked from their headers;
 * :mod:`~ram_trl.merging.chunks`: row chunks of every input as float32 deltas;
 * :mod:`~ram_trl.merging.counting`: the counting pass (overlap histograms, per-agent statistics);
+  :mod:`~ram_trl.merging.spill`: what it already merged, kept for the merge pass (one-pass RAM+);
 * :mod:`~ram_trl.merging.engine`: :func:`merge` itself; :mod:`~ram_trl.merging.sinks` where it
   writes (shards, or ``ram_trl.lora.LoraSink`` for an adapter);
 * :mod:`~ram_trl.merging.report`, :mod:`~ram_trl.merging.card`: ``ram_trl_merge.json`` and
