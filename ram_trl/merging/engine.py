@@ -19,6 +19,7 @@ own threads (``threads``, same bytes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -151,13 +152,14 @@ def merge(
         counts = None
         if spec.needs_counts or dry_run:
             epsilon = spec.change_epsilon(params)
-            unscaled = spec.unscaled_rule
+            rule = spec.unscaled_rule
+            unscaled = None if rule is None else functools.partial(rule, params=params)
             with split.together():
                 counts = count_overlaps(
                     inputs, CHANGE_EPSILON if epsilon is None else epsilon, device=device,
                     progress=progress, names=split.counted(inputs), threads=threads,
                     check_values=dry_run or device.type != "cpu",  # else the merge pass does
-                    spill=spill, unscaled=unscaled and (lambda deltas: unscaled(deltas, params)),
+                    spill=spill, unscaled=unscaled,
                 )  # fmt: skip
             counts = split.combine(counts, inputs)
         plan = spec.prepare_model(params, counts)
