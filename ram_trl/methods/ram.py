@@ -197,8 +197,8 @@ def ram_rule_at(
     where, merged, shared, counts, columns = [], [], [], [], []
     width = 0
     for t, (positions, deltas) in enumerate(changed):
-        alone = count.index_select(0, positions) == 1
-        unique, together = _flatnonzero(alone), _flatnonzero(~alone)
+        agents_here = count.index_select(0, positions).numpy()  # numpy compares ~10x faster
+        unique, together = _flatnonzero(agents_here == 1), _flatnonzero(agents_here != 1)
         where.append(positions.index_select(0, unique))
         values = deltas.index_select(0, unique)
         merged.append(values if ctx.scales is None else values * ctx.scales[t].to(values))
@@ -206,7 +206,7 @@ def ram_rule_at(
         # is then reset to 0, which tells the agents after it that the column exists.
         at = positions.index_select(0, together)
         how_many = count.index_select(0, at)
-        new = _flatnonzero(how_many != 0)
+        new = _flatnonzero(how_many.numpy() != 0)
         first = at.index_select(0, new)
         count.index_fill_(0, at, 0)
         slot.index_copy_(0, first, torch.arange(width, width + first.numel(), dtype=slot.dtype))
@@ -239,9 +239,9 @@ def _scratch(numel: int, agents: int) -> tuple[torch.Tensor, torch.Tensor]:
     return count, have[1][:numel]
 
 
-def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+def _flatnonzero(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Positions where ``mask`` is set (int64): numpy's is several times faster than torch's."""
-    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.from_numpy(np.flatnonzero(mask if isinstance(mask, np.ndarray) else mask.numpy()))
 
 
 def _validate(method: str, params: object) -> None:
