@@ -3,8 +3,8 @@ are known.
 
 Methods whose whole-model statistics only scale the unique deltas (the RAM family's
 ``unscaled_rule``) can merge every chunk while they count it. Per chunk the spill keeps the
-positions whose merged delta is not zero (int32), that delta with every scale 1 (float32) and
-the owner of each unique element (the method's codes): about 9 bytes per changed element, where
+candidate positions (int32), the merged delta there with every scale 1 (float32) and the owner
+of each unique element (the method's codes): about 9 bytes per changed element, where
 reading the chunk again costs 2 bytes per element from every agent and the base, plus finding
 the changes. The merge pass then reads the base and the spill instead of every checkpoint again.
 
@@ -105,9 +105,11 @@ class Spill:
 
 
 def spilled_entry(index: torch.Tensor | None, merged: torch.Tensor, owners: torch.Tensor) -> _Entry:
-    """What :meth:`Spill.put` keeps of a chunk merged at ``index`` (its candidates; None for
-    a dense chunk): only the positions whose merged delta is not exactly zero, since
-    everywhere else the base is written as it is."""
-    keep = torch.from_numpy(np.flatnonzero(merged.cpu().numpy()))
-    positions = keep if index is None else index.index_select(0, keep)
-    return positions, merged.index_select(0, keep), owners.index_select(0, keep)
+    """What :meth:`Spill.put` keeps of a chunk merged at ``index`` (its candidates): all of
+    them, since a candidate whose merged delta is zero is written as the base either way and
+    filtering costs more than it saves. A dense chunk (``index`` None) keeps only the positions
+    whose merged delta is not zero."""
+    if index is not None:
+        return index, merged, owners
+    keep = torch.from_numpy(np.flatnonzero(merged.numpy()))
+    return keep, merged.index_select(0, keep), owners.index_select(0, keep)
