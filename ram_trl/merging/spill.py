@@ -39,6 +39,7 @@ class Spill:
         self._budget = budget
         self._size = 0
         self._where: dict[tuple[str, int], tuple[int, int, torch.dtype]] = {}
+        self._kept: set[str] = set()  # tensors with a chunk here
         self._partial: set[str] = set()  # tensors with a chunk left out
 
     @classmethod
@@ -71,11 +72,12 @@ class Spill:
             self._budget = self._size
             return
         self._where[(name, start)] = (self._size, positions.numel(), owners.dtype)
+        self._kept.add(name)
         self._size += size
 
     def holds(self, name: str) -> bool:
         """Whether every chunk of tensor ``name`` is here (the merge pass replays it)."""
-        return name not in self._partial and any(key[0] == name for key in self._where)
+        return name in self._kept and name not in self._partial
 
     def take(self, name: str, start: int) -> _Entry:
         """The chunk kept for rows from ``start`` of ``name``: positions (int64), merged
