@@ -92,10 +92,6 @@ class Spill:
             raise OSError(f"the merge's spill file ended early at byte {offset}")
         return positions.to(torch.int64), merged, owners
 
-    @property
-    def nbytes(self) -> int:
-        return self._size
-
     def close(self) -> None:
         self._file.close()
 

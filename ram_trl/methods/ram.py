@@ -139,8 +139,9 @@ def ram_rule(deltas: torch.Tensor, params: RAMParams, ctx: ChunkContext) -> torc
 
     ``ctx.scales`` holds lambda_t (absent for plain RAM, where lambda = 1).
     """
-    merged, owners = ram_rule_unscaled(deltas, params)
-    return merged if ctx.scales is None else scale_unique(merged, owners, ctx.scales)
+    if ctx.scales is None:
+        return _plain_ram(deltas, params)[0]
+    return scale_unique(*ram_rule_unscaled(deltas, params), ctx.scales)
 
 
 def ram_rule_unscaled(deltas: torch.Tensor, params: RAMParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,14 +149,21 @@ def ram_rule_unscaled(deltas: torch.Tensor, params: RAMParams) -> tuple[torch.Te
     is 1 + the one agent that changed element i, or 0 when none or several did. The lambdas
     multiply nothing else, so :func:`scale_unique` applies them later, once whole-model counts
     are known: a one-pass RAM+ merges while it counts."""
-    mask = change_mask(deltas, params.epsilon)
-    count = _count(mask)
-    # Where count <= 1 the sum is the one changing delta (or 0): dividing by 1 keeps it exactly.
-    merged = agent_sum(kept_changes(deltas, params.epsilon)) / count.clamp(min=1)
+    merged, mask, count = _plain_ram(deltas, params)
     owners = torch.zeros_like(count)
     for t, changed in enumerate(mask):
         owners.add_(changed.to(owners.dtype), alpha=t + 1)
     return merged, owners.mul_((count == 1).to(owners.dtype))
+
+
+def _plain_ram(
+    deltas: torch.Tensor, params: RAMParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain RAM's merged deltas, with the change mask and the per-element count behind them."""
+    mask = change_mask(deltas, params.epsilon)
+    count = _count(mask)
+    # Where count <= 1 the sum is the one changing delta (or 0): dividing by 1 keeps it exactly.
+    return agent_sum(kept_changes(deltas, params.epsilon)) / count.clamp(min=1), mask, count
 
 
 def scale_unique(merged: torch.Tensor, owners: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
