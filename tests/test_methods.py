@@ -334,10 +334,15 @@ def rule_at_dense(method: str, deltas: torch.Tensor, scales, order=None) -> torc
         if order is not None:  # some stored positions hold an unchanged value
             positions = torch.unique(torch.cat([positions, order]))
         changes.append((positions, row[positions]))
-    index, merged = spec.rule_at(changes, deltas.shape[1], params, ChunkContext(scales))
-    assert index.unique().numel() == index.numel()  # each position once
-    dense = torch.zeros(deltas.shape[1])
-    dense[index] = merged
+    pieces = spec.rule_at(changes, deltas.shape[1], params, ChunkContext(scales))
+    assert len(pieces) == len(changes)  # per agent, the merged delta where it changed
+    dense, written = torch.zeros(deltas.shape[1]), torch.zeros(deltas.shape[1], dtype=torch.bool)
+    for (positions, _), (keep, merged) in zip(changes, pieces, strict=True):
+        at = positions if keep is None else positions[keep]
+        assert at.unique().numel() == at.numel() == merged.numel()  # each position once
+        again = written[at]  # a shared position: every agent gives it the same bits
+        assert torch.equal(dense[at][again].view(torch.int32), merged[again].view(torch.int32))
+        dense[at], written[at] = merged, True
     return dense
 
 

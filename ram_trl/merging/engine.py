@@ -288,7 +288,8 @@ def merge_into(
     spilled = {out.name for out in specs if spill is not None and spill.holds(out.name)}
     ahead: Any = nullcontext()
     if threads > 1:
-        ahead = ReadAhead(inputs, [out.name for out in specs if out.name not in spilled])
+        names = [out.name for out in specs if out.name not in spilled]
+        ahead = ReadAhead(inputs, names, stored=spec.rule_at is not None)
     try:
         with ahead, inputs.progress(progress, f"merging ({spec.name})") as bar:
             for out in specs:
@@ -306,9 +307,11 @@ def merge_into(
                     else _merged(inputs, spec, params, plan, name, device)
                 )
                 for chunk, merged in merged_chunks:
-                    rows = _apply(chunk, merged, out.dtype)
-                    if rows is None:
-                        raise _non_finite_result(inputs, spec, params, name, chunk, merged, out)
+                    apply = _apply_stored if isinstance(chunk, StoredChunk) else _apply
+                    rows = apply(chunk, merged, out.dtype)
+                    if not isinstance(rows, torch.Tensor):
+                        failed, at = (chunk, merged) if rows is None else rows
+                        raise _non_finite_result(inputs, spec, params, name, failed, at, out)
                     rows = rows.reshape((chunk.stop - chunk.start, *shape[1:]) if shape else ())
                     sink.write(name, rows, chunk.base)
                 bar.update(info.nbytes)
@@ -325,13 +328,14 @@ def _merged(
     plan: ModelPlan,
     name: str,
     device: torch.device,
-) -> Iterator[tuple[Chunk, torch.Tensor]]:
-    """Each chunk of tensor ``name`` with its merged delta, read from the inputs."""
+) -> Iterator[tuple[Chunk | StoredChunk, Any]]:
+    """Each chunk of tensor ``name`` with its merged delta, read from the inputs: a
+    :class:`Chunk` with the merged delta at its elements, or a :class:`StoredChunk` (sparse
+    snapshots) with the method's ``rule_at`` result, per agent."""
     tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
     for read, ctx in spec.prepare_tensor(params, plan, tensor):
-        if isinstance(read, StoredChunk):  # sparse snapshots: their changes only
-            index, merged = spec.rule_at(read.changes, read.numel, params, ctx)  # type: ignore[misc]
-            yield read.at(index), merged
+        if isinstance(read, StoredChunk):
+            yield read, spec.rule_at(read.changes, read.numel, params, ctx)  # type: ignore[misc]
         else:
             yield read, spec.rule(read.deltas, params, ctx)
 
@@ -365,6 +369,29 @@ def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     if dtype != chunk.base.dtype and not finite_bits(rows):
         return None
     rows.index_copy_(0, chunk.index, values)  # ~40x faster than rows[index] = values
+    return rows
+
+
+def _apply_stored(
+    chunk: StoredChunk, merged: list[tuple[torch.Tensor | None, torch.Tensor]], dtype: torch.dtype
+) -> torch.Tensor | tuple[Chunk, torch.Tensor]:
+    """:func:`_apply` for a :class:`StoredChunk` and its ``rule_at`` result: the base, and
+    each agent's merged deltas applied at the positions it changed (a shared position is
+    written once per agent, with the same value). When a value would not be finite, the
+    :class:`Chunk` and merged deltas where it happened, for the error."""
+    rows = chunk.base.to(dtype, copy=True)
+    if dtype != chunk.base.dtype and not finite_bits(rows):  # the base does not fit ``dtype``
+        every = torch.arange(chunk.numel)
+        return chunk_at(chunk.start, chunk.stop, chunk.base, every), torch.zeros(chunk.numel)
+    for (positions, _), base32, (keep, deltas) in zip(
+        chunk.changes, chunk.base32, merged, strict=True
+    ):
+        if keep is not None:
+            positions, base32 = positions.index_select(0, keep), base32.index_select(0, keep)
+        values = torch.where(deltas != 0, base32 + deltas, base32).to(dtype)
+        if not finite_bits(values):
+            return chunk_at(chunk.start, chunk.stop, chunk.base, positions), deltas
+        rows.index_copy_(0, positions, values)
     return rows
 
 

@@ -74,25 +74,22 @@ def overlap_histogram_at(changed: list[torch.Tensor], numel: int) -> torch.Tenso
     n_agents = len(changed)
     if n_agents == 0:
         return torch.zeros((0, 0), dtype=torch.int64)
-    count = _count_at(changed, numel)
-    rows = [
-        torch.bincount(count.index_select(0, positions), minlength=n_agents + 1)
-        for positions in changed
-    ]
+    count, _, ones = _scratch(numel, n_agents)
+    try:
+        for positions in changed:
+            count.index_add_(0, positions, ones[: positions.numel()])
+        rows = [
+            torch.bincount(count.index_select(0, positions), minlength=n_agents + 1)
+            for positions in changed
+        ]
+    finally:  # a memset of a chunk in cache costs less than clearing where it was touched
+        count.zero_()
     return torch.stack(rows)[:, 1 : n_agents + 1]
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """How many agents changed each element (a small integer type: it is computed per chunk)."""
     return mask.sum(0, dtype=torch.uint8 if mask.shape[0] < 255 else torch.int32)
-
-
-def _count_at(changed: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
-    """:func:`_count` from each agent's changed positions (distinct) instead of the mask."""
-    count = torch.zeros(numel, dtype=torch.uint8 if len(changed) < 255 else torch.int32)
-    for positions in changed:
-        count.index_add_(0, positions, torch.ones(positions.numel(), dtype=count.dtype))
-    return count
 
 
 def shared_unique(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,71 +177,65 @@ def ram_rule_at(
     numel: int,
     params: RAMParams,
     ctx: ChunkContext,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
     """:func:`ram_rule` from each agent's changes in a chunk of ``numel`` elements, in work
     proportional to them: ``changes[t]`` holds the distinct positions where agent t may differ
-    from the base and its float32 deltas there; every other delta is exactly 0. Returns
-    positions (distinct, in no particular order) and the merged deltas there; every other
-    merged delta is 0.
+    from the base and its float32 deltas there; every other delta is exactly 0. Returns, per
+    agent, the merged delta at each position it changed: ``(keep, merged)``, where ``keep``
+    indexes agent t's changes (None: all of them) and ``merged`` holds the values there. A
+    shared position appears in each of its agents' results with the same value; every position
+    no agent changed has merged delta 0.
 
     The numbers are :func:`ram_rule`'s bit for bit: a unique element's lambda_t * tau_t is one
-    float32 product either way, and a shared element's deltas are added in agent order, as
-    :func:`~ram_trl.methods.base.agent_sum` adds them, then divided by the same count. Two
-    scratch buffers of ``numel`` elements are reused per
-    thread, so no chunk pays for fresh memory; nothing else touches more than the changes.
+    float32 product either way (its sum is 0 + tau_t, divided by 1), and a shared element's
+    deltas are added in agent order, as :func:`~ram_trl.methods.base.agent_sum` adds them, then
+    divided by the same count. Two scratch buffers of ``numel`` elements (a counter and the
+    sums) are reused per thread, so a chunk small enough to stay in cache never pays for fresh
+    memory or a trip to RAM.
     """
-    count, slot = _scratch(numel, len(changes))
-    changed = []
-    for positions, deltas in changes:
-        mask = change_mask(deltas, params.epsilon)
-        if not bool(mask.all()):
-            keep = _flatnonzero(mask)
-            positions, deltas = positions.index_select(0, keep), deltas.index_select(0, keep)
-        count.index_add_(0, positions, torch.ones_like(positions, dtype=count.dtype))
-        changed.append((positions, deltas))
-    where, merged, shared, counts, columns = [], [], [], [], []
-    width = 0
-    for t, (positions, deltas) in enumerate(changed):
-        agents_here = count.index_select(0, positions).numpy()  # numpy compares ~10x faster
-        unique, together = _flatnonzero(agents_here == 1), _flatnonzero(agents_here != 1)
-        where.append(positions.index_select(0, unique))
-        values = deltas.index_select(0, unique)
-        merged.append(values if ctx.scales is None else values * ctx.scales[t].to(values))
-        # A shared position gets its column from the first agent that changed it; count there
-        # is then reset to 0, which tells the agents after it that the column exists.
-        at = positions.index_select(0, together)
-        how_many = count.index_select(0, at)
-        new = _flatnonzero(how_many.numpy() != 0)
-        first = at.index_select(0, new)
-        count.index_fill_(0, at, 0)
-        slot.index_copy_(0, first, torch.arange(width, width + first.numel(), dtype=slot.dtype))
-        width += first.numel()
-        shared.append(first)
-        counts.append(how_many.index_select(0, new))
-        columns.append((slot.index_select(0, at), deltas.index_select(0, together)))
-    # agent_sum's total, as ram_rule takes it: agent by agent in agent order (each adds once
-    # to each of its elements; the agents that did not change one add nothing, as their 0 does)
-    total = torch.zeros(width, dtype=torch.float32)
-    for column, values in columns:
-        total.index_add_(0, column, values)
-    mean = total / torch.cat(counts)
-    return torch.cat(shared + where), torch.cat([mean, *merged])
+    count, total, ones = _scratch(numel, len(changes))
+    try:
+        kept = []
+        for positions, deltas in changes:
+            keep = None
+            if deltas.numel() and not bool(deltas.abs().min() > params.epsilon):
+                keep = _flatnonzero(change_mask(deltas, params.epsilon))
+                positions, deltas = positions.index_select(0, keep), deltas.index_select(0, keep)
+            count.index_add_(0, positions, ones[: positions.numel()])
+            total.index_add_(0, positions, deltas)  # in agent order, from +0: agent_sum's sum
+            kept.append((keep, positions))
+        merged = []
+        for t, (keep, positions) in enumerate(kept):
+            agents_here = count.index_select(0, positions)
+            values = total.index_select(0, positions).div_(agents_here)
+            if ctx.scales is not None:  # lambda_t where agent t is alone (count 1), else 1
+                factors = torch.ones(len(changes) + 1, dtype=torch.float32)
+                factors[1] = ctx.scales[t]
+                values.mul_(factors.index_select(0, agents_here.to(torch.int32)))
+            merged.append((keep, values))
+    finally:  # a memset of a chunk in cache costs less than clearing where it was touched
+        count.zero_()
+        total.zero_()
+    return merged
 
 
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int, agents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zeroed per-element counter (uint8 below 255 agents) and a position -> column map for
-    a chunk of ``numel`` elements, reused by each thread: fresh memory costs a page fault per
-    page touched, and the changes of an RL agent touch nearly every page."""
+def _scratch(numel: int, agents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A zeroed per-element counter (uint8 below 255 agents), zeroed float32 sums and ones to
+    count with, for a chunk of ``numel`` elements: reused by each thread, which zeroes them
+    again when done (fresh memory costs a page fault per page, and the changes of an RL agent
+    touch nearly every page)."""
     have = getattr(_SCRATCH, "buffers", None)
     if have is None or have[0].numel() < numel:
-        have = (torch.empty(numel, dtype=torch.uint8), torch.empty(numel, dtype=torch.int64))
+        count, ones = torch.zeros(numel, dtype=torch.uint8), torch.ones(numel, dtype=torch.uint8)
+        have = (count, torch.zeros(numel), ones)
         _SCRATCH.buffers = have
-    wide = agents >= 255
-    count = torch.zeros(numel, dtype=torch.int32) if wide else have[0][:numel].zero_()
-    return count, have[1][:numel]
+    if agents >= 255:
+        ones = torch.ones(numel, dtype=torch.int32)
+        return torch.zeros(numel, dtype=torch.int32), have[1][:numel], ones
+    return have[0][:numel], have[1][:numel], have[2][:numel]
 
 
 def _flatnonzero(mask: torch.Tensor | np.ndarray) -> torch.Tensor:

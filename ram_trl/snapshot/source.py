@@ -83,6 +83,7 @@ class TaskVectorSource:
             for n, e in self.manifest.tensors.items()
         }
         self._row_offsets: dict[str, torch.Tensor] = {}
+        self._bases: dict[int, tuple[Any, bool]] = {}  # id -> (object, is this base)
         self._lock = threading.Lock()
 
     @property
@@ -161,15 +162,22 @@ class TaskVectorSource:
         return idx - start * e.row_numel, stored
 
     def _is_base(self, base: Any) -> bool:
-        """``base`` is the folder this snapshot is applied to (the same object or path)."""
+        """``base`` is the folder this snapshot is applied to (the same object or path). The
+        answer is kept per object: resolving paths costs more than a chunk's lookup."""
         if base is self.base:
             return True
+        key = id(base)
+        known = self._bases.get(key)
+        if known is not None and known[0] is base:
+            return known[1]
         theirs, ours = getattr(base, "path", None), getattr(self.base, "path", None)
-        return (
+        same = (
             theirs is not None
             and ours is not None
             and Path(theirs).resolve() == Path(ours).resolve()
         )
+        self._bases[key] = (base, same)
+        return same
 
     def _offsets(self, e: TensorEntry) -> torch.Tensor:
         """``offsets[r]``: position in the sorted indices of the first element of row ``r``
