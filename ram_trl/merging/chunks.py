@@ -388,19 +388,23 @@ def bits_differ(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.not_equal(_bits(a).numpy(), _bits(b).numpy())
 
 
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def finite_bits(values: torch.Tensor) -> bool:
-    """No NaN or Inf: a float32 sum first (one pass, no copy, ~6x faster on bf16 than the bit
-    test: a NaN or Inf anywhere makes it non-finite), then, only when it is not finite (an
-    overflow of large finite values, or a real NaN/Inf), from the exponent bits alone."""
-    if values.numel() == 0 or bool(torch.isfinite(values.sum(dtype=torch.float32))):
+    """No NaN or Inf, from the exponent bits alone: on the CPU the largest magnitude's bits,
+    in numpy (~2.5x a float32 sum of bf16, the fastest torch test; Inf and NaN are the
+    magnitudes at or above all exponent bits set)."""
+    if values.numel() == 0:
         return True
     mantissa = _MANTISSA_BITS.get(values.dtype)
-    if mantissa is None:
+    if mantissa is None or values.device.type != "cpu":
         return bool(torch.isfinite(values).all())
-    sign = 1 << (8 * values.dtype.itemsize - 1)
+    width = values.dtype.itemsize
+    sign = 1 << (8 * width - 1)
     exponent = (sign - 1) ^ ((1 << mantissa) - 1)  # all exponent bits set: Inf or NaN
-    bits = values.view(_BIT_VIEWS[values.dtype.itemsize])
-    return not bool(((bits & exponent) == exponent).any())
+    bits = _bits(values.reshape(-1)).numpy().view(_UNSIGNED[width])
+    return int(np.bitwise_and(bits, sign - 1).max()) < exponent
 
 
 def _report_non_finite(inputs: MergeInputs, name: str, start: int, stop: int) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ram_trl.errors import InputError
@@ -406,8 +407,9 @@ def check_sorted(idx: torch.Tensor, e: TensorEntry, where: Path, previous: int =
     if idx.numel() == 0:
         return previous
     bad = int(idx[0]) <= previous or int(idx[-1]) >= e.numel
-    if idx.numel() > 1 and not bad:
-        bad = bool((idx[1:] <= idx[:-1]).any())
+    if idx.numel() > 1 and not bad:  # numpy compares integers several times faster than torch
+        values = idx.numpy()
+        bad = bool(np.less_equal(values[1:], values[:-1]).any())
     if bad:
         raise InputError(
             f"snapshot {where}, tensor {e.name!r}: indices are not strictly increasing "
