@@ -166,16 +166,17 @@ def _config(args: argparse.Namespace):
 def run_merge(args: argparse.Namespace) -> int:
     """One merge; under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) split across
     the ranks (a process group is started when none is up), rank 0 printing the outcome."""
+    import os
+
     import torch
 
-    from ram_trl.merging.chunks import default_threads
     from ram_trl.merging.split import Split, init_from_env
 
     config = _config(args)
-    if default_threads() > 1:
-        # This process is the merge's: its reading, merging and writing threads use the cores,
-        # and torch's intra-op threads on top of them only oversubscribe them (a store merge
-        # of the 0.5B benchmark on 2 cores: 0.84x the wall time with one intra-op thread).
+    if "OMP_NUM_THREADS" not in os.environ:
+        # This process is the merge's: its own threads (RAM_TRL_THREADS) use the cores, and
+        # torch's intra-op threads on top of them only oversubscribe them (a store merge of the
+        # 0.5B benchmark on 2 cores took 0.84x the wall time with one intra-op thread).
         torch.set_num_threads(1)
     started = init_from_env(config.device)
     try:
