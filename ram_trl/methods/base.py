@@ -124,7 +124,7 @@ class TensorStream(Protocol):
 Rule = Callable[[torch.Tensor, Any, ChunkContext], torch.Tensor]
 RuleAt = Callable[
     [Sequence[tuple[torch.Tensor, torch.Tensor]], int, Any, ChunkContext],
-    tuple[torch.Tensor, torch.Tensor],
+    list[tuple[torch.Tensor | None, torch.Tensor]],
 ]
 
 
@@ -142,8 +142,10 @@ class MergeMethod:
     scales: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
     #: the rule from each agent's changed positions instead of dense deltas, for chunks of
     #: sparse snapshots: ``(changes [(positions, float32 deltas)] per agent, numel, params,
-    #: ctx) -> (positions, merged deltas there)``, the numbers :meth:`rule` gives; ``None``
-    #: when the method has none (its chunks then come with dense deltas)
+    #: ctx) -> per agent (keep, merged)``: the merged deltas at the positions agent t changed
+    #: (``keep`` indexes its changes; None: all of them), the numbers :meth:`rule` gives, a
+    #: shared position given the same bits by each of its agents; ``None`` when the method
+    #: has none (its chunks then come with dense deltas)
     rule_at: RuleAt | None = None
     #: the rule in two steps, for methods whose whole-model statistics only scale the agents'
     #: unique deltas (the RAM family): ``(deltas, params) -> (merged deltas with every scale 1,
