@@ -202,6 +202,34 @@ def test_output_dtype_overflow_is_refused(tmp_path, tiny) -> None:
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(("value", "dtype"), [(3.3e38, None), (1e5, "float16")])
+def test_store_merge_overflow_is_refused(tmp_path, tiny, monkeypatch, value, dtype) -> None:
+    """Item 1 on the store path, where each agent's stored changes are merged into the base rows
+    (``rule_at``): a unique 3.3e38 that RAM+'s lambda takes past float32, or a 1e5 that float16
+    cannot hold, is refused with an InputError naming the tensor and the agent; nothing is
+    written."""
+    from ram_trl.methods import get_method
+    from ram_trl.snapshot import open_store_agents
+
+    base, agents = tiny
+    position = untouched_position(base, agents)
+    big = edited_model(agents["a"], tmp_path / "a", set_value(position, value))
+    store = make_store(tmp_path / "store", base, {"a": big, "b": agents["b"]})
+    spec, used = get_method("ram_plus"), []
+    rule_at = spec.rule_at
+    monkeypatch.setattr(spec, "rule_at", lambda *a: used.append(1) or rule_at(*a))
+    sources = open_store_agents(store, [], base)
+    out = tmp_path / "merged"
+    try:
+        with pytest.raises(InputError, match=TENSOR) as error:
+            ram_trl.merge(base, sources, "ram_plus", out, dtype=dtype, progress=False)
+    finally:
+        for source in sources.values():
+            source.close()
+    assert used and "agent 'a'" in str(error.value)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 # =============================================================================================
 # Item 2: an output that is, contains or lies inside an input (base, agent, store entry) is
 # refused, with or without --overwrite, before anything is written.
