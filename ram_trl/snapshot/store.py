@@ -104,14 +104,16 @@ def _step(step: Any) -> int:
 RETRY_SECONDS = 10.0
 
 
-def _inode(path: Path) -> tuple[int, int] | None:
+def _inode(path: Path) -> tuple[int, int, int] | None:
     """The identity of the folder now at ``path`` (None when nothing is there): an entry is
-    immutable once published, so a changed identity means it was replaced or removed."""
+    immutable once published, so a changed identity means it was replaced or removed. The
+    change time is part of it because ext4 hands a freed inode number to the next new folder:
+    an entry replaced twice while it was read can come back with the same number."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _backoff(attempt: int) -> None:
