@@ -204,12 +204,11 @@ def ram_rule_at(
             count.index_add_(0, positions, ones[: positions.numel()])
             total.index_add_(0, positions, deltas)  # in agent order, from +0: agent_sum's sum
             kept.append((keep, positions))
-        merged = []
+        merged, factors = [], torch.ones(len(changes) + 1, dtype=torch.float32)
         for t, (keep, positions) in enumerate(kept):
             agents_here = count.index_select(0, positions)
             values = total.index_select(0, positions).div_(agents_here)
             if ctx.scales is not None:  # lambda_t where agent t is alone (count 1), else 1
-                factors = torch.ones(len(changes) + 1, dtype=torch.float32)
                 factors[1] = ctx.scales[t]
                 values.mul_(factors.index_select(0, agents_here.to(torch.int32)))
             merged.append((keep, values))
@@ -238,9 +237,9 @@ def _scratch(numel: int, agents: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return have[0][:numel], have[1][:numel], have[2][:numel]
 
 
-def _flatnonzero(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
     """Positions where ``mask`` is set (int64): numpy's is several times faster than torch's."""
-    return torch.from_numpy(np.flatnonzero(mask if isinstance(mask, np.ndarray) else mask.numpy()))
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 def _validate(method: str, params: object) -> None:

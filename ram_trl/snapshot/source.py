@@ -166,9 +166,8 @@ class TaskVectorSource:
         answer is kept per object: resolving paths costs more than a chunk's lookup."""
         if base is self.base:
             return True
-        key = id(base)
-        known = self._bases.get(key)
-        if known is not None and known[0] is base:
+        known = self._bases.get(id(base))  # the object is kept with it: its id stays its own
+        if known is not None:
             return known[1]
         theirs, ours = getattr(base, "path", None), getattr(self.base, "path", None)
         same = (
@@ -176,7 +175,7 @@ class TaskVectorSource:
             and ours is not None
             and Path(theirs).resolve() == Path(ours).resolve()
         )
-        self._bases[key] = (base, same)
+        self._bases[id(base)] = (base, same)
         return same
 
     def _offsets(self, e: TensorEntry) -> torch.Tensor:
