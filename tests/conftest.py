@@ -23,6 +23,7 @@ os.environ.update(
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HOME": _HF_HOME,
+        "RAM_TRL_CACHE": os.path.join(_HF_HOME, "ram-trl"),  # compiled kernels: built once here
     }
 )
 
@@ -38,6 +39,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TinyBaseFactory = Callable[..., Path]
 TinyAgentsFactory = Callable[..., dict[str, Path]]
+
+
+def require_native():
+    """ram-trl's compiled kernels; the test is skipped on a machine without a C compiler, and
+    fails where one is found but the build does not work."""
+    from ram_trl import native
+
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler: the compiled kernels cannot be built here")
+    lib = native.library()
+    assert lib is not None, "a C compiler is here, but ram-trl's kernels did not build"
+    return lib
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice: with the compiled kernels, and on the torch path alone
+    (``RAM_TRL_NATIVE=0``), which must give the same bits."""
+    if request.param == "torch":
+        monkeypatch.setenv("RAM_TRL_NATIVE", "0")
+    else:
+        require_native()
+    return request.param
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

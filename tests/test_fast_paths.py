@@ -282,12 +282,13 @@ def open_snapshots(snaps: dict[str, Path], base: Path) -> dict[str, TaskVectorSo
 
 @pytest.mark.parametrize("agents", [3, 6])
 def test_store_merges_count_from_indices_and_merge_from_positions(
-    agents, layout, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+    agents, layout, kernels, tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
 ):
     """A RAM-family store merge counts from the snapshots' indices alone
     (``chunks.stored_changes``) and merges from each agent's stored positions (``rule_at``, no
-    union of the agents' rows): the same report and files as the agents' checkpoints, with 3
-    agents and with 6 (where a float32 sum over agents is no longer torch's own order)."""
+    union of the agents' rows; or the compiled ``merge_stored``): the same report and files as
+    the agents' checkpoints, with 3 agents and with 6 (where a float32 sum over agents is no
+    longer torch's own order)."""
     from ram_trl.merging import counting
     from ram_trl.methods import get_method
 
@@ -302,6 +303,7 @@ def test_store_merges_count_from_indices_and_merge_from_positions(
     ]
     counted = spy(monkeypatch, counting, "stored_changes")
     merged = spy(monkeypatch, get_method("ram_plus"), "rule_at")
+    compiled = spy(monkeypatch, get_method("ram_plus"), "merge_stored")
     sources = open_snapshots(snaps, base)
     try:
         for (method, params), expected in zip(runs, want, strict=True):
@@ -313,7 +315,12 @@ def test_store_merges_count_from_indices_and_merge_from_positions(
         for source in sources.values():
             source.close()
     assert counted and all(c is not None for c in counted)
-    assert merged
+    if kernels == "torch":
+        assert merged
+        assert all(rows is None for rows in compiled)
+    else:  # every chunk merged by the kernel, none left to rule_at
+        assert compiled and all(rows is not None for rows in compiled)
+        assert not merged
 
 
 def test_store_counting_from_indices_takes_a_coarser_snapshot(

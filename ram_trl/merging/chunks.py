@@ -8,6 +8,7 @@ of them. :class:`TensorView` is one tensor as a merge method's ``prepare_tensor`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ram_trl import native
 from ram_trl.errors import InputError
 from ram_trl.io import read_rows
 from ram_trl.io import row_chunks as _row_chunks
@@ -56,9 +58,11 @@ def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 def spans(inputs: MergeInputs, name: str, *, stored: bool = False) -> list[tuple[int, int]]:
     """The row ranges a merge reads tensor ``name`` in: :func:`row_chunks`, or, ``stored``
     (the method merges from stored positions) with only snapshots as agents, ranges
-    ``STORED_CHUNK_DIVISOR`` times smaller."""
+    ``STORED_CHUNK_DIVISOR`` times smaller when they are merged on the torch path (the compiled
+    one blocks the work itself)."""
     shape = tuple(inputs.base.tensors[name].shape)
-    if stored and all(hasattr(a, "changed_rows") for a in inputs.agents.values()):
+    snapshots = all(hasattr(a, "changed_rows") for a in inputs.agents.values())
+    if stored and snapshots and native.library() is None:  # torch's scratch stays in cache
         return _row_chunks(shape, max(CHUNK_ELEMENTS // STORED_CHUNK_DIVISOR, 1))
     return row_chunks(shape)
 
@@ -97,16 +101,23 @@ class Chunk:
 @dataclass
 class StoredChunk:
     """Rows ``[start, stop)`` of one tensor whose agents are all sparse snapshots of the base:
-    the base as stored and, per agent, the positions it stores (increasing) with its float32
-    deltas there (``changes``) and the base's float32 values there (``base32``). Every other
-    delta is exactly zero. A method with a ``rule_at`` merges it in work proportional to the
-    snapshots."""
+    the base as stored and, per agent, the flat indices it stores in the tensor (increasing,
+    int32 or int64: a position in the chunk plus ``shift``) and its values there, in the
+    base's dtype, with the snapshot's own epsilon (``-1.0``: it promises none). Every other
+    element is the base's. A method with a ``rule_at`` merges it in work proportional to the
+    snapshots: in one compiled pass (``merge_stored``), or from the float32 deltas that
+    :func:`stored_deltas` adds (``changes``, per agent its positions in the chunk and deltas
+    there; ``base32``, the base's float32 values there)."""
 
     start: int
     stop: int
     base: torch.Tensor  # (n,) in the stored dtype: a read-only view, never modify in place
-    changes: list[tuple[torch.Tensor, torch.Tensor]]
-    base32: list[torch.Tensor]
+    indices: list[torch.Tensor]
+    shift: int
+    values: list[torch.Tensor]
+    epsilons: list[float]
+    changes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    base32: list[torch.Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -158,7 +169,7 @@ def _read_chunk(
     stored: bool = False,
 ) -> Chunk | StoredChunk:
     if stored and sparse and torch.device(device).type == "cpu":
-        found = stored_deltas(inputs, name, start, stop)
+        found = stored_chunk(inputs, name, start, stop)
         if found is not None:
             return found
     base = read_rows(inputs.base, name, start, stop).reshape(-1)
@@ -237,12 +248,18 @@ def _differs_anywhere(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 
 
 def _stored_rows(
-    inputs: MergeInputs, name: str, start: int, stop: int, *, values: bool = True
+    inputs: MergeInputs,
+    name: str,
+    start: int,
+    stop: int,
+    *,
+    values: bool = True,
+    absolute: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Every agent's stored positions and values in rows ``[start, stop)`` (``changed_rows``;
-    positions only without ``values``), or None when some agent cannot say (a checkpoint, a
-    dense or wider snapshot tensor) or the base's dtype has no bit view: then the chunk is
-    read whole."""
+    positions only without ``values``; the stored indices as they are with ``absolute``), or
+    None when some agent cannot say (a checkpoint, a dense or wider snapshot tensor) or the
+    base's dtype has no bit view: then the chunk is read whole."""
     info = inputs.base.tensors[name]
     dtype = info.dtype
     if _BIT_VIEWS.get(dtype.itemsize) is None or not dtype.is_floating_point or not info.numel:
@@ -252,11 +269,17 @@ def _stored_rows(
         changed_rows = getattr(source, "changed_rows", None)
         got = None
         if changed_rows is not None:
-            got = changed_rows(name, start, stop, inputs.base, values=values)
+            kwargs = {"absolute": True} if absolute else {}
+            got = changed_rows(name, start, stop, inputs.base, values=values, **kwargs)
         if got is None or (values and got[1].dtype != dtype):
             return None
         stored.append(got)
     return stored
+
+
+def _row_numel(inputs: MergeInputs, name: str) -> int:
+    info = inputs.base.tensors[name]
+    return info.numel // max(info.rows, 1)
 
 
 def _changed_values(
@@ -295,22 +318,37 @@ def _changed_values(
     return index, agents, picked
 
 
-def stored_deltas(inputs: MergeInputs, name: str, start: int, stop: int) -> StoredChunk | None:
+def stored_chunk(inputs: MergeInputs, name: str, start: int, stop: int) -> StoredChunk | None:
     """Rows ``[start, stop)`` as a :class:`StoredChunk`, from sources that know where they
-    differ from the base (``changed_rows``), the values checked as :func:`read_chunk` checks
-    them; None where :func:`_changed_values` would not apply (then the caller reads the chunk).
+    differ from the base (``changed_rows``): the base's rows and the stored indices and values
+    as they are, nothing computed or checked yet (see :func:`stored_deltas`). None where
+    :func:`_changed_values` would not apply (then the caller reads the chunk)."""
+    stored = _stored_rows(inputs, name, start, stop, absolute=True)
+    if stored is None:
+        return None
+    base = read_rows(inputs.base, name, start, stop).reshape(-1)
+    epsilons = [getattr(s, "epsilon", None) for s in inputs.agents.values()]
+    return StoredChunk(
+        start, stop, base, [i for i, _ in stored], start * _row_numel(inputs, name),
+        [v for _, v in stored], [-1.0 if e is None else float(e) for e in epsilons],
+    )  # fmt: skip
+
+
+def stored_deltas(inputs: MergeInputs, name: str, chunk: StoredChunk) -> StoredChunk:
+    """``chunk`` with its float32 deltas (``changes``, ``base32``), the values checked as
+    :func:`read_chunk` checks them.
 
     A chunk's deltas are ``float32(agent) - float32(base)`` at the same positions whichever
     path read them, and exactly 0 elsewhere, so ``|delta| > epsilon`` (epsilon >= 0) marks the
     same elements. Each agent's positions are looked up in the base once; no union, no mask of
     the whole chunk, no agent rows are built.
     """
-    stored = _stored_rows(inputs, name, start, stop)
-    if stored is None:
-        return None
-    base = read_rows(inputs.base, name, start, stop).reshape(-1)
+    if chunk.changes is not None:
+        return chunk
+    base, start, stop = chunk.base, chunk.start, chunk.stop
     changes, base32 = [], []
-    for positions, values in stored:
+    for indices, values in zip(chunk.indices, chunk.values, strict=True):
+        positions = indices.to(torch.int64) - chunk.shift
         picked = base.index_select(0, positions).to(torch.float32)
         changes.append((positions, torch.sub(values, picked, out=torch.empty_like(picked))))
         base32.append(picked)
@@ -321,23 +359,26 @@ def stored_deltas(inputs: MergeInputs, name: str, start: int, stop: int) -> Stor
             _report_non_finite(inputs, name, start, stop)
         _check_stored_changes(inputs, name, start, stop, changes)
         inputs.checked.add((name, start, stop))
-    return StoredChunk(start, stop, base, changes, base32)
+    return dataclasses.replace(chunk, changes=changes, base32=base32)
 
 
 def stored_changes(
     inputs: MergeInputs, name: str, start: int, stop: int, epsilon: float
-) -> list[torch.Tensor] | None:
-    """Per agent, the positions in rows ``[start, stop)`` where ``|delta| > epsilon``, from
-    snapshots alone, without reading a value or the base: a snapshot stores exactly the
-    elements beyond its own epsilon, so when that is at least ``epsilon`` its stored positions
+) -> tuple[list[torch.Tensor], int] | None:
+    """Per agent, where rows ``[start, stop)`` have ``|delta| > epsilon``, from snapshots alone,
+    without reading a value or the base: the stored indices (flat in the tensor, int32 or
+    int64) and the shift that makes them positions in the chunk. A snapshot stores exactly the
+    elements beyond its own epsilon, so when that is at least ``epsilon`` its stored indices
     are the change mask. None when some agent cannot promise that (a checkpoint, a dense or
     wider snapshot tensor, a smaller snapshot epsilon). The values are checked later, when the
-    merge reads them (:func:`stored_deltas`), and a snapshot whose positions break the promise
-    is refused there, before anything is published."""
+    merge reads them, and a snapshot whose positions break the promise is refused there,
+    before anything is published."""
     if not all(getattr(s, "epsilon", -1.0) >= epsilon for s in inputs.agents.values()):
         return None
-    stored = _stored_rows(inputs, name, start, stop, values=False)
-    return None if stored is None else [positions for positions, _ in stored]
+    stored = _stored_rows(inputs, name, start, stop, values=False, absolute=True)
+    if stored is None:
+        return None
+    return [indices for indices, _ in stored], start * _row_numel(inputs, name)
 
 
 def _check_stored_changes(

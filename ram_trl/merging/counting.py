@@ -16,13 +16,8 @@ from typing import Any
 
 import torch
 
-from ram_trl.merging.chunks import (
-    default_threads,
-    read_chunk,
-    row_chunks,
-    stored_changes,
-    stored_deltas,
-)
+from ram_trl.merging import chunks
+from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks, stored_changes
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
 from ram_trl.merging.report import AgentStats
 from ram_trl.merging.spill import Spill, spilled_entry
@@ -63,7 +58,7 @@ def count_overlaps(
     read and counted on that many threads, a few ahead of the one being summed: counts are
     integers, so the histograms are the same whatever the order. Chunks whose agents are all
     sparse snapshots of this base are counted from their stored positions alone
-    (:func:`~ram_trl.merging.chunks.stored_deltas`): the same counts, in work proportional to the
+    (:func:`stored_deltas`): the same counts, in work proportional to the
     snapshots rather than to the model.
 
     With a ``spill``, every chunk is also merged by ``unscaled`` (a method's
@@ -77,12 +72,13 @@ def count_overlaps(
         if spill is None and not check_values:
             exact = stored_changes(inputs, name, start, stop, epsilon)
         if exact is not None:  # snapshots taken at this epsilon: their indices are the mask
-            return overlap_histogram_at(exact, numel), None
+            indices, shift = exact
+            return overlap_histogram_at(indices, numel, shift=shift), None
         stored = None
         if spill is None and epsilon >= 0:
             stored = stored_deltas(inputs, name, start, stop)
         if stored is not None:  # snapshots: only their stored positions are looked at
-            changed = [p[change_mask(d, epsilon)] for p, d in stored.changes]
+            changed = [p[change_mask(d, epsilon)] for p, d in stored.changes]  # type: ignore[union-attr]
             return overlap_histogram_at(changed, numel), None
         chunk = read_chunk(inputs, name, start, stop, device)
         hist = overlap_histogram(change_mask(chunk.deltas, epsilon)).cpu()
@@ -111,6 +107,13 @@ def count_overlaps(
             if stop == inputs.base.tensors[name].rows:
                 bar.update(inputs.base.tensors[name].nbytes)
     return OverlapCounts(n, histograms)
+
+
+def stored_deltas(inputs: MergeInputs, name: str, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of snapshots as a checked :class:`~ram_trl.merging.chunks.
+    StoredChunk` with its deltas, or None when some agent is not such a snapshot."""
+    chunk = chunks.stored_chunk(inputs, name, start, stop)
+    return None if chunk is None else chunks.stored_deltas(inputs, name, chunk)
 
 
 def _in_order(

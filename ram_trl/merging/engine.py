@@ -51,6 +51,7 @@ from ram_trl.merging.chunks import (
     read_chunk,
     resolve_device,
     row_chunks,
+    stored_deltas,
 )
 from ram_trl.merging.counting import agent_stats, count_overlaps
 from ram_trl.merging.inputs import (
@@ -304,7 +305,7 @@ def merge_into(
                 merged_chunks = (
                     _replayed(inputs, spec, plan, name, spill)  # type: ignore[arg-type]
                     if name in spilled
-                    else _merged(inputs, spec, params, plan, name, device)
+                    else _merged(inputs, spec, params, plan, name, device, out.dtype)
                 )
                 for chunk, merged in merged_chunks:
                     apply = _apply_stored if isinstance(chunk, StoredChunk) else _apply
@@ -328,13 +329,21 @@ def _merged(
     plan: ModelPlan,
     name: str,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> Iterator[tuple[Chunk | StoredChunk, Any]]:
     """Each chunk of tensor ``name`` with its merged delta, read from the inputs: a
     :class:`Chunk` with the merged delta at its elements, or a :class:`StoredChunk` (sparse
-    snapshots) with the method's ``rule_at`` result, per agent."""
+    snapshots) with the output rows in ``dtype`` (the method's compiled ``merge_stored``) or
+    else its ``rule_at`` result, per agent."""
     tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
     for read, ctx in spec.prepare_tensor(params, plan, tensor):
         if isinstance(read, StoredChunk):
+            merge = spec.merge_stored
+            rows = None if merge is None else merge(read, params, ctx, dtype)
+            if rows is not None:
+                yield read, rows
+                continue
+            read = stored_deltas(inputs, name, read)  # checked: says what the kernel found
             yield read, spec.rule_at(read.changes, read.numel, params, ctx)  # type: ignore[misc]
         else:
             yield read, spec.rule(read.deltas, params, ctx)
@@ -373,18 +382,23 @@ def _apply(chunk: Chunk, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def _apply_stored(
-    chunk: StoredChunk, merged: list[tuple[torch.Tensor | None, torch.Tensor]], dtype: torch.dtype
+    chunk: StoredChunk,
+    merged: torch.Tensor | list[tuple[torch.Tensor | None, torch.Tensor]],
+    dtype: torch.dtype,
 ) -> torch.Tensor | tuple[Chunk, torch.Tensor]:
     """:func:`_apply` for a :class:`StoredChunk` and its ``rule_at`` result: the base, and
     each agent's merged deltas applied at the positions it changed (a shared position is
     written once per agent, with the same value). When a value would not be finite, the
-    :class:`Chunk` and merged deltas where it happened, for the error."""
+    :class:`Chunk` and merged deltas where it happened, for the error. Rows the compiled
+    ``merge_stored`` made are the result already."""
+    if isinstance(merged, torch.Tensor):
+        return merged
     rows = chunk.base.to(dtype, copy=True)
     if dtype != chunk.base.dtype and not finite_bits(rows):  # the base does not fit ``dtype``
         every = torch.arange(chunk.numel)
         return chunk_at(chunk.start, chunk.stop, chunk.base, every), torch.zeros(chunk.numel)
     for (positions, _), base32, (keep, deltas) in zip(
-        chunk.changes, chunk.base32, merged, strict=True
+        chunk.changes or [], chunk.base32 or [], merged, strict=True
     ):
         if keep is not None:
             positions, base32 = positions.index_select(0, keep), base32.index_select(0, keep)

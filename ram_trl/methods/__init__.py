@@ -3,7 +3,8 @@
 Owns the paper's rules (:mod:`~ram_trl.methods.ram`), the baselines
 (:mod:`~ram_trl.methods.baselines`), Model Breadcrumbs (:mod:`~ram_trl.methods.breadcrumbs`) and
 exact magnitude selection (:mod:`~ram_trl.methods.magnitude`); :mod:`~ram_trl.methods.base` says
-how a method takes part in a merge. Imports torch and :mod:`ram_trl.errors` only: no I/O.
+how a method takes part in a merge. Imports torch, :mod:`ram_trl.errors` and the compiled
+kernels of :mod:`ram_trl.native` only: no I/O.
 """
 
 from ram_trl.methods import baselines, breadcrumbs, ram  # noqa: F401  (importing registers them)

@@ -15,7 +15,8 @@ method takes part at three points, and only there:
 
 Rules and hooks never do I/O (the tensor a hook sees streams itself), so they are tested by hand
 and run on any device. Adding a method means subclassing :class:`MergeMethod` (or giving it a rule
-function) and calling :func:`register`, in this package alone. Imports: torch and ram_trl.errors.
+function) and calling :func:`register`, in this package alone. Imports: torch, ram_trl.errors
+(and, for RAM's compiled rule, ram_trl.native).
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ class MergeMethod:
     #: shared position given the same bits by each of its agents; ``None`` when the method
     #: has none (its chunks then come with dense deltas)
     rule_at: RuleAt | None = None
+    #: ``rule_at`` applied, in one compiled pass: ``(chunk of snapshots, params, ctx, output
+    #: dtype) -> the output rows`` (the base with the merged deltas added, the bits ``rule_at``
+    #: gives), or None where it does not apply or found something wrong: then ``rule_at``
+    #: runs, and says what. ``None`` for methods without one
+    merge_stored: Callable[[Any, Any, ChunkContext, torch.dtype], torch.Tensor | None] | None = None
     #: the rule in two steps, for methods whose whole-model statistics only scale the agents'
     #: unique deltas (the RAM family): ``(deltas, params) -> (merged deltas with every scale 1,
     #: owners)``, run while counting; :meth:`rescale` of that, once the counts are known, is

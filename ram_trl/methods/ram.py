@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ram_trl import native
 from ram_trl.errors import InputError
 from ram_trl.methods.base import (
     CHANGE_EPSILON,
@@ -67,13 +68,23 @@ def overlap_histogram(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)[:, 1:]
 
 
-def overlap_histogram_at(changed: list[torch.Tensor], numel: int) -> torch.Tensor:
+def overlap_histogram_at(
+    changed: Sequence[torch.Tensor], numel: int, *, shift: int = 0
+) -> torch.Tensor:
     """:func:`overlap_histogram` of a chunk of ``numel`` elements given, per agent, the positions
-    it changed (distinct, any order) instead of the whole mask: the same integers, in work
-    proportional to the changes (the counting pass of sparse snapshots)."""
+    it changed (distinct, increasing, plus ``shift``: int32 or int64 stored indices) instead of
+    the whole mask: the same integers, in work proportional to the changes (the counting pass
+    of sparse snapshots). Counted by the compiled kernel when there is one."""
     n_agents = len(changed)
     if n_agents == 0:
         return torch.zeros((0, 0), dtype=torch.int64)
+    lib = native.library()
+    if lib is not None and native.indexable(changed):
+        hist = native.count_at(lib, numel, changed, shift)
+        if hist is not None:
+            return hist
+    if shift or any(p.dtype != torch.int64 for p in changed):
+        changed = [p.to(torch.int64) - shift for p in changed]
     count, _, ones = _scratch(numel, n_agents)
     try:
         for positions in changed:
@@ -218,6 +229,31 @@ def ram_rule_at(
     return merged
 
 
+def ram_merge_stored(
+    chunk: Any, params: RAMParams, ctx: ChunkContext, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """:func:`ram_rule_at` applied to a chunk of snapshots (``chunk``: the base's rows, each
+    agent's stored indices, values and epsilon, see ``ram_trl.merging.chunks.StoredChunk``),
+    in one compiled pass: the output rows in ``dtype``, the bits that ``rule_at`` and applying
+    its result give. None when the compiled kernel is not there or does not apply (another
+    output dtype, 255 agents or more) or found something wrong (a non-finite value, a damaged
+    snapshot): then ``rule_at`` runs, and says what."""
+    lib = native.library()
+    base = chunk.base
+    if lib is None or dtype != base.dtype or base.dtype not in native.DTYPES:
+        return None
+    if base.device.type != "cpu" or not native.indexable(chunk.indices):
+        return None
+    n = len(chunk.indices)
+    lambdas = [1.0] * n if ctx.scales is None else ctx.scales.tolist()
+    out = torch.empty_like(base)
+    status = native.merge_at(
+        lib, base, out, chunk.indices, chunk.shift, chunk.values, lambdas, chunk.epsilons,
+        params.epsilon,
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
 _SCRATCH = threading.local()
 
 
@@ -296,6 +332,7 @@ class RAMMerge(MergeMethod):
     model or per tensor (``rho_scope``), decided once before merging."""
 
     rule_at = staticmethod(ram_rule_at)
+    merge_stored = staticmethod(ram_merge_stored)
     unscaled_rule = staticmethod(ram_rule_unscaled)
 
     def __init__(self, name: str, params: type, summary: str, scales: Any | None = None) -> None:

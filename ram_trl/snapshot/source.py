@@ -135,7 +135,14 @@ class TaskVectorSource:
         return self.manifest.epsilon
 
     def changed_rows(
-        self, name: str, start: int, stop: int, base: Any, *, values: bool = True
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        base: Any,
+        *,
+        values: bool = True,
+        absolute: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Where rows ``[start, stop)`` of tensor ``name`` may differ from ``base``'s, and the
         agent's values there: flat positions within the rows (int64, increasing) and values in
@@ -144,7 +151,8 @@ class TaskVectorSource:
         checkpoint) instead of rebuilding the rows. The positions are the elements whose delta
         exceeds :attr:`epsilon`. None when that cannot be promised: another base than this
         snapshot's, a dense tensor, or one stored in another dtype than the base's (its rows
-        are rounded copies)."""
+        are rounded copies). With ``absolute``, the positions are the stored indices as they
+        are: flat in the whole tensor, int32 or int64 (a compiled kernel reads them there)."""
         e = self.manifest.tensors.get(name)
         if e is None or not self._is_base(base) or e.layout == "dense":
             return None
@@ -157,9 +165,11 @@ class TaskVectorSource:
             return torch.empty(0, dtype=torch.int64), empty
         offsets = self._offsets(e)
         lo, hi = int(offsets[start]), int(offsets[stop])
-        idx = self._files.read(indices_key(name), lo, hi).to(torch.int64)
+        idx = self._files.read(indices_key(name), lo, hi)
         stored = self._files.read(values_key(name), lo, hi) if values else None
-        return idx - start * e.row_numel, stored
+        if absolute:
+            return idx, stored
+        return idx.to(torch.int64) - start * e.row_numel, stored
 
     def _is_base(self, base: Any) -> bool:
         """``base`` is the folder this snapshot is applied to (the same object or path). The
