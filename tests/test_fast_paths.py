@@ -480,3 +480,51 @@ def test_no_room_for_a_spill_merges_in_two_passes(
     monkeypatch.setattr(spill_module.Spill, "beside", classmethod(refuse))
     ram_trl.merge(base, agents, "ram_plus", tmp_path / "two", progress=False)
     assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_store_merge_on_several_threads_is_the_same_bits(
+    tiny_base_factory, tiny_agents_factory, tmp_path, monkeypatch
+):
+    """A chunk of snapshots merged by the compiled kernel on several threads at once (cut into
+    consecutive rows, ``engine._merged_stored``) gives the files one thread gives, and those of
+    the checkpoints; so does a chunk cut into more parts than it has rows."""
+    from conftest import require_native
+
+    from ram_trl.merging import engine
+
+    require_native()
+    monkeypatch.setattr(engine, "SPLIT_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 3000)
+    base = tiny_base_factory("qwen2", False, torch.bfloat16, False)
+    folders = tiny_agents_factory(base, ("a", "b", "c"), density=[0.05, 0.2, 0.3])
+    snaps = snapshots(base, folders, tmp_path / "snaps")
+    ram_trl.merge(base, folders, "ram_plus", tmp_path / "ck", progress=False, threads=1)
+    split = spy(monkeypatch, chunks.StoredChunk, "split")
+    for threads in (1, 2, 5):
+        sources = open_snapshots(snaps, base)
+        try:
+            out = tmp_path / f"t{threads}"
+            ram_trl.merge(base, sources, "ram_plus", out, progress=False, threads=threads)
+        finally:
+            for source in sources.values():
+                source.close()
+        assert files(out) == files(tmp_path / "ck"), threads
+    assert split and any(len(parts) == 5 for parts in split)
+    assert any(len(parts) < 5 for parts in split)  # a chunk of fewer rows than threads
+
+
+def test_stored_chunk_split_keeps_every_change_once():
+    """``StoredChunk.split``: consecutive row ranges covering the chunk, each agent's indices
+    cut at the row boundaries and shifted to each part, the base's rows sliced alike."""
+    base = torch.arange(60, dtype=torch.float32)  # rows 2-8 of a tensor of rows of 10
+    indices = [torch.tensor([20, 21, 38, 55, 79], dtype=torch.int32), torch.zeros(0).long()]
+    values = [torch.arange(5.0), torch.ones(0)]
+    chunk = chunks.StoredChunk(2, 8, base, indices, 20, values, [0.0, -1.0])
+    parts = chunk.split(4)
+    assert [(p.start, p.stop) for p in parts] == [(2, 3), (3, 5), (5, 6), (6, 8)]
+    assert [(p.indices[0] - p.shift).tolist() for p in parts] == [[0, 1], [8], [5], [19]]
+    assert [p.values[0].tolist() for p in parts] == [[0, 1], [2], [3], [4]]
+    assert all(p.indices[1].numel() == 0 and p.epsilons == [0.0, -1.0] for p in parts)
+    assert [p.base[0].item() for p in parts] == [0, 10, 30, 40]
+    assert sum(p.numel for p in parts) == chunk.numel
+    assert [(p.start, p.stop) for p in chunk.split(10)] == [(r, r + 1) for r in range(2, 8)]

@@ -247,3 +247,26 @@ def test_build_is_cached_atomic_and_optional(tmp_path, monkeypatch, caplog):
         assert native.library() is None
     assert "false failed" in caplog.text
     assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]
+
+
+@given(st.integers(1, 50), st.integers(1, 40), st.integers(0, 2**32 - 1), st.booleans())
+def test_row_offsets_are_the_binary_search(rows, row_numel, seed, wide):
+    """Where each row starts in sorted indices (what a snapshot source locates rows with), and
+    None for indices out of order, repeated, or past the tensor."""
+    lib = require_native()
+    g = torch.Generator().manual_seed(seed)
+    numel = rows * row_numel
+    mask = torch.rand(numel, generator=g) < torch.rand(1, generator=g)
+    idx = torch.nonzero(mask).flatten().to(torch.int64 if wide else torch.int32)
+    want = torch.searchsorted(idx, torch.arange(rows + 1, dtype=idx.dtype) * row_numel)
+    got = native.row_offsets(lib, idx, row_numel, rows)
+    assert got is not None and torch.equal(got, want.to(torch.int64))
+    if idx.numel() >= 2:
+        swapped = idx.clone()
+        swapped[[0, 1]] = swapped[[1, 0]]
+        assert native.row_offsets(lib, swapped, row_numel, rows) is None
+        repeated = idx.clone()
+        repeated[1] = repeated[0]
+        assert native.row_offsets(lib, repeated, row_numel, rows) is None
+    past = torch.cat([idx, torch.tensor([numel], dtype=idx.dtype)])
+    assert native.row_offsets(lib, past, row_numel, rows) is None

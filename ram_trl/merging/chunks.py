@@ -123,6 +123,32 @@ class StoredChunk:
     def numel(self) -> int:
         return self.base.numel()
 
+    def split(self, parts: int) -> list[StoredChunk]:
+        """The chunk as up to ``parts`` chunks of consecutive rows (for as many threads), each
+        with its agents' slices of the stored indices; before deltas are added."""
+        rows = self.stop - self.start
+        row_numel = self.numel // max(rows, 1)
+        bounds = sorted({self.start + rows * i // parts for i in range(parts + 1)})
+        cuts = [
+            np.searchsorted(i.numpy(), [b * row_numel for b in bounds]).tolist()
+            for i in self.indices
+        ]
+        pieces = []
+        for k, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            lo, hi = (start - self.start) * row_numel, (stop - self.start) * row_numel
+            pieces.append(
+                StoredChunk(
+                    start,
+                    stop,
+                    self.base[lo:hi],
+                    [i[c[k] : c[k + 1]] for i, c in zip(self.indices, cuts, strict=True)],
+                    start * row_numel,
+                    [v[c[k] : c[k + 1]] for v, c in zip(self.values, cuts, strict=True)],
+                    self.epsilons,
+                )  # fmt: skip
+            )
+        return pieces
+
 
 def chunk_at(start: int, stop: int, base: torch.Tensor, index: torch.Tensor) -> Chunk:
     """Rows ``[start, stop)`` of ``base`` (flat) as a :class:`Chunk` at ``index`` (distinct

@@ -25,6 +25,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,7 @@ def merge_into(
     if threads > 1:
         sink = BackgroundSink(sink)
     spilled = {out.name for out in specs if spill is not None and spill.holds(out.name)}
+    pool = ThreadPoolExecutor(threads - 1, "ram-trl-merge") if threads > 1 else None
     ahead: Any = nullcontext()
     if threads > 1:
         names = [out.name for out in specs if out.name not in spilled]
@@ -305,7 +307,7 @@ def merge_into(
                 merged_chunks = (
                     _replayed(inputs, spec, plan, name, spill)  # type: ignore[arg-type]
                     if name in spilled
-                    else _merged(inputs, spec, params, plan, name, device, out.dtype)
+                    else _merged(inputs, spec, params, plan, name, device, out.dtype, pool, threads)
                 )
                 for chunk, merged in merged_chunks:
                     apply = _apply_stored if isinstance(chunk, StoredChunk) else _apply
@@ -320,6 +322,9 @@ def merge_into(
     except BaseException:
         sink.abort()
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _merged(
@@ -330,6 +335,8 @@ def _merged(
     name: str,
     device: torch.device,
     dtype: torch.dtype,
+    pool: ThreadPoolExecutor | None = None,
+    threads: int = 1,
 ) -> Iterator[tuple[Chunk | StoredChunk, Any]]:
     """Each chunk of tensor ``name`` with its merged delta, read from the inputs: a
     :class:`Chunk` with the merged delta at its elements, or a :class:`StoredChunk` (sparse
@@ -338,8 +345,7 @@ def _merged(
     tensor = TensorView(inputs, name, device, stored=spec.rule_at is not None)
     for read, ctx in spec.prepare_tensor(params, plan, tensor):
         if isinstance(read, StoredChunk):
-            merge = spec.merge_stored
-            rows = None if merge is None else merge(read, params, ctx, dtype)
+            rows = _merged_stored(spec, read, params, ctx, dtype, pool, threads)
             if rows is not None:
                 yield read, rows
                 continue
@@ -347,6 +353,40 @@ def _merged(
             yield read, spec.rule_at(read.changes, read.numel, params, ctx)  # type: ignore[misc]
         else:
             yield read, spec.rule(read.deltas, params, ctx)
+
+
+#: a chunk of snapshots is merged on several threads from this many elements on
+SPLIT_ELEMENTS = 1 << 18
+
+
+def _merged_stored(
+    spec: MergeMethod,
+    chunk: StoredChunk,
+    params: Any,
+    ctx: Any,
+    dtype: torch.dtype,
+    pool: ThreadPoolExecutor | None,
+    threads: int,
+) -> torch.Tensor | None:
+    """The method's compiled ``merge_stored`` of ``chunk``: the output rows, or None (then
+    ``rule_at`` runs). With a ``pool``, a large chunk is cut into ``threads`` parts of
+    consecutive rows, one for this thread and the others for the pool's, merged into one
+    output at once: the kernel is bound by a core's arithmetic and cache latency, not by
+    memory bandwidth, so the cores add up."""
+    merge = spec.merge_stored
+    if merge is None:
+        return None
+    if pool is None or chunk.numel < SPLIT_ELEMENTS:
+        return merge(chunk, params, ctx, dtype)
+    pieces = chunk.split(threads)
+    out = torch.empty(chunk.numel, dtype=dtype)
+    views = out.split([piece.numel for piece in pieces])
+    done = [
+        pool.submit(merge, piece, params, ctx, dtype, view)
+        for piece, view in zip(pieces[1:], views[1:], strict=True)
+    ]
+    results = [merge(pieces[0], params, ctx, dtype, views[0])] + [f.result() for f in done]
+    return out if all(rows is not None for rows in results) else None
 
 
 def _replayed(

@@ -149,10 +149,11 @@ class MergeMethod:
     #: has none (its chunks then come with dense deltas)
     rule_at: RuleAt | None = None
     #: ``rule_at`` applied, in one compiled pass: ``(chunk of snapshots, params, ctx, output
-    #: dtype) -> the output rows`` (the base with the merged deltas added, the bits ``rule_at``
-    #: gives), or None where it does not apply or found something wrong: then ``rule_at``
-    #: runs, and says what. ``None`` for methods without one
-    merge_stored: Callable[[Any, Any, ChunkContext, torch.dtype], torch.Tensor | None] | None = None
+    #: dtype, out=None) -> the output rows`` (the base with the merged deltas added, the bits
+    #: ``rule_at`` gives; written into ``out`` when given), or None where it does not apply or
+    #: found something wrong: then ``rule_at`` runs, and says what. ``None`` for methods
+    #: without one
+    merge_stored: Callable[..., torch.Tensor | None] | None = None
     #: the rule in two steps, for methods whose whole-model statistics only scale the agents'
     #: unique deltas (the RAM family): ``(deltas, params) -> (merged deltas with every scale 1,
     #: owners)``, run while counting; :meth:`rescale` of that, once the counts are known, is

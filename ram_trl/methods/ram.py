@@ -230,14 +230,18 @@ def ram_rule_at(
 
 
 def ram_merge_stored(
-    chunk: Any, params: RAMParams, ctx: ChunkContext, dtype: torch.dtype
+    chunk: Any,
+    params: RAMParams,
+    ctx: ChunkContext,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """:func:`ram_rule_at` applied to a chunk of snapshots (``chunk``: the base's rows, each
     agent's stored indices, values and epsilon, see ``ram_trl.merging.chunks.StoredChunk``),
-    in one compiled pass: the output rows in ``dtype``, the bits that ``rule_at`` and applying
-    its result give. None when the compiled kernel is not there or does not apply (another
-    output dtype, 255 agents or more) or found something wrong (a non-finite value, a damaged
-    snapshot): then ``rule_at`` runs, and says what."""
+    in one compiled pass: the output rows in ``dtype`` (written into ``out`` when given), the
+    bits that ``rule_at`` and applying its result give. None when the compiled kernel is not
+    there or does not apply (another output dtype, 255 agents or more) or found something
+    wrong (a non-finite value, a damaged snapshot): then ``rule_at`` runs, and says what."""
     lib = native.library()
     base = chunk.base
     if lib is None or dtype != base.dtype or base.dtype not in native.DTYPES:
@@ -246,7 +250,7 @@ def ram_merge_stored(
         return None
     n = len(chunk.indices)
     lambdas = [1.0] * n if ctx.scales is None else ctx.scales.tolist()
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     status = native.merge_at(
         lib, base, out, chunk.indices, chunk.shift, chunk.values, lambdas, chunk.epsilons,
         params.epsilon,

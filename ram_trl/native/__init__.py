@@ -84,6 +84,7 @@ def _load() -> ctypes.CDLL | None:
         )
         return None
     lib.ram_merge_at.restype = lib.ram_count_at.restype = ctypes.c_int
+    lib.ram_row_offsets.restype = ctypes.c_int
     return lib
 
 
@@ -174,3 +175,17 @@ def count_at(
         _I64(shift), _P(hist.data_ptr()), _P(_scratch().data_ptr()), (_I64 * (2 * agents))(),
     )  # fmt: skip
     return hist if status == 0 else None
+
+
+def row_offsets(
+    lib: ctypes.CDLL, indices: torch.Tensor, row_numel: int, rows: int
+) -> torch.Tensor | None:
+    """``offsets[r]`` (int64, ``rows + 1``): where row ``r`` starts in a tensor's sorted
+    stored ``indices`` (``ram_row_offsets``), or None when they are not strictly increasing
+    within the tensor (the torch path says so)."""
+    offsets = torch.empty(rows + 1, dtype=torch.int64)
+    status = lib.ram_row_offsets(
+        _P(indices.data_ptr()), int(indices.dtype == torch.int64), _I64(indices.numel()),
+        _I64(row_numel), _I64(rows), _P(offsets.data_ptr()),
+    )  # fmt: skip
+    return offsets if status == 0 else None

@@ -56,19 +56,33 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-#define LOAD_BF16(p, i) from_bits((uint32_t)((const uint16_t *)(p))[i] << 16)
-#define LOAD_F16(p, i) half_to_float(((const uint16_t *)(p))[i])
-#define LOAD_F32(p, i) (((const float *)(p))[i])
+/* The loops below are written once, for any dtype, index width and epsilon case, and
+ * specialized by the compiler: ALWAYS_INLINE functions called with constant arguments. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE float load(const int dtype, const void *p, int64_t i) {
+    if (dtype == BF16) return from_bits((uint32_t)((const uint16_t *)p)[i] << 16);
+    if (dtype == F16) return half_to_float(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
 
 /* store f at out[i] in the dtype; 0 when the stored value is not finite */
-#define STORE_BF16(o, i, f) (((uint16_t *)(o))[i] = float_to_bf16(f), \
-                             (((uint16_t *)(o))[i] & 0x7FFFu) < 0x7F80u)
-#define STORE_F16(o, i, f) (((uint16_t *)(o))[i] = float_to_half(f), \
-                            (((uint16_t *)(o))[i] & 0x7FFFu) < 0x7C00u)
-#define STORE_F32(o, i, f) (((float *)(o))[i] = (f), isfinite(((float *)(o))[i]))
+ALWAYS_INLINE int store(const int dtype, void *out, int64_t i, float f) {
+    if (dtype == F32) {
+        ((float *)out)[i] = f;
+        return isfinite(f);
+    }
+    const uint16_t h = dtype == BF16 ? float_to_bf16(f) : float_to_half(f);
+    ((uint16_t *)out)[i] = h;
+    return (h & 0x7FFFu) < (dtype == BF16 ? 0x7F80u : 0x7C00u);
+}
+
+ALWAYS_INLINE int64_t index_at(const void *indices, const int wide, int64_t k) {
+    return wide ? ((const int64_t *)indices)[k] : (int64_t)((const int32_t *)indices)[k];
+}
 
 /* out = base; 1 when every base value is finite (from the exponent bits) */
-static int copy_finite(int dtype, const void *base, void *out, int64_t n) {
+ALWAYS_INLINE int copy_finite(const int dtype, const void *base, void *out, int64_t n) {
     if (dtype == F32) {
         const uint32_t *b = base;
         uint32_t *o = out, worst = 0;
@@ -89,81 +103,115 @@ static int copy_finite(int dtype, const void *base, void *out, int64_t n) {
     return worst < (dtype == BF16 ? 0x7F80u : 0x7C00u);
 }
 
-static inline int64_t index_at(const void *indices, int wide, int64_t k) {
-    return wide ? ((const int64_t *)indices)[k] : (int64_t)((const int32_t *)indices)[k];
-}
-
 /* float32's largest finite magnitude: a larger |delta| is an Inf (or the compare fails: NaN) */
 #define FINITE_LIMIT 3.4028234663852886e38f
 
 /*
- * One dtype's merge. Everything a loop reads is first copied into locals: the counts are bytes,
- * and a store through a byte pointer may alias anything, so the compiler would reload every
- * array argument after each one.
+ * Add agent t's changes in [lo, hi) (its indices from k on) into the block's sums and counts;
+ * returns where it stopped, or -1 for an index below the block (out of order), with `flags`
+ * |= 1 for a non-finite delta, 2 for one at or below the snapshot's epsilon. With `kept`
+ * (epsilon <= the snapshot's), every change that passes the check is one.
  */
-#define MERGE_AT(NAME, LOAD, STORE, DTYPE, SIZE)                                               \
-    static int NAME(int64_t n, const void *base, void *out, int agents,                       \
-                    const void *const *indices, const int *wide, const int64_t *nnz,           \
-                    int64_t shift, const void *const *values, const float *lambdas,            \
-                    const float *stored_epsilon, float epsilon, float *restrict sum,           \
-                    uint8_t *restrict count, int64_t *at, int64_t *end) {                      \
-        for (int t = 0; t < agents; t++) at[t] = 0;                                            \
-        for (int64_t lo = 0; lo < n; lo += BLOCK) {                                            \
-            const int64_t hi = n - lo < BLOCK ? n : lo + BLOCK;                                \
-            if (!copy_finite(DTYPE, (const uint8_t *)base + lo * SIZE,                         \
-                             (uint8_t *)out + lo * SIZE, hi - lo))                              \
-                return NOT_FINITE;                                                             \
-            for (int t = 0; t < agents; t++) { /* add this block's changes, in agent order */  \
-                const void *const idx = indices[t], *const val = values[t];                    \
-                const int w = wide[t];                                                         \
-                const int64_t last = nnz[t], top = hi + shift, bottom = lo + shift;            \
-                const float floor_epsilon = stored_epsilon[t];                                 \
-                int64_t k = at[t];                                                             \
-                int small = 0, huge = 0;                                                       \
-                for (; k < last; k++) {                                                        \
-                    const int64_t i = index_at(idx, w, k);                                     \
-                    if (i >= top) break;                                                       \
-                    if (i < bottom) return OUT_OF_RANGE;                                       \
-                    const int64_t p = i - shift;                                               \
-                    const float d = LOAD(val, k) - LOAD(base, p), size = fabsf(d);             \
-                    huge |= !(size <= FINITE_LIMIT);                                           \
-                    small |= !(size > floor_epsilon);                                          \
-                    const int keep = size > epsilon;                                           \
-                    sum[p - lo] += keep ? d : 0.0f;                                            \
-                    count[p - lo] += (uint8_t)keep;                                            \
-                }                                                                              \
-                end[t] = k;                                                                    \
-                if (huge) return NOT_FINITE;                                                   \
-                if (small) return NOT_CHANGED;                                                 \
-            }                                                                                  \
-            int finite = 1;                                                                    \
-            for (int t = 0; t < agents; t++) { /* a shared element gets the same bits each time */ \
-                const void *const idx = indices[t], *const val = values[t];                    \
-                const int w = wide[t];                                                         \
-                const float lambda = lambdas[t];                                               \
-                const int64_t first = at[t], last = end[t];                                    \
-                for (int64_t k = first; k < last; k++) {                                       \
-                    const int64_t p = index_at(idx, w, k) - shift, q = p - lo;                 \
-                    const float base_value = LOAD(base, p);                                    \
-                    if (!(fabsf(LOAD(val, k) - base_value) > epsilon)) continue; /* not t's */ \
-                    const unsigned c = count[q];                                               \
-                    const float merged = sum[q] / (float)c * (c == 1 ? lambda : 1.0f);         \
-                    finite &= STORE(out, p, merged != 0.0f ? base_value + merged : base_value); \
-                }                                                                              \
-                at[t] = last;                                                                  \
-            }                                                                                  \
-            memset(sum, 0, (size_t)(hi - lo) * sizeof(float));                                 \
-            memset(count, 0, (size_t)(hi - lo));                                               \
-            if (!finite) return NOT_FINITE;                                                    \
-        }                                                                                      \
-        for (int t = 0; t < agents; t++)                                                       \
-            if (at[t] != nnz[t]) return OUT_OF_RANGE;                                          \
-        return OK;                                                                             \
+ALWAYS_INLINE int64_t add_changes(const int dtype, const int wide, const int kept,
+                                  const void *base, const void *idx, const void *val,
+                                  int64_t k, int64_t last, int64_t bottom, int64_t top,
+                                  int64_t lo, int64_t shift, float floor_epsilon, float epsilon,
+                                  float *restrict sum, uint8_t *restrict count, int *flags) {
+    int small = 0, huge = 0;
+    for (; k < last; k++) {
+        const int64_t i = index_at(idx, wide, k);
+        if (i >= top) break;
+        if (i < bottom) return -1;
+        const int64_t p = i - shift;
+        const float d = load(dtype, val, k) - load(dtype, base, p), size = fabsf(d);
+        huge |= !(size <= FINITE_LIMIT);
+        small |= !(size > floor_epsilon);
+        const int keep = kept || size > epsilon;
+        sum[p - lo] += keep ? d : 0.0f;
+        count[p - lo] += (uint8_t)keep;
     }
+    *flags |= huge | (small << 1);
+    return k;
+}
 
-MERGE_AT(merge_bf16, LOAD_BF16, STORE_BF16, BF16, 2)
-MERGE_AT(merge_f16, LOAD_F16, STORE_F16, F16, 2)
-MERGE_AT(merge_f32, LOAD_F32, STORE_F32, F32, 4)
+/*
+ * Write base + merged delta at agent t's changes in [lo, hi) (a shared element gets the same
+ * bits from each of its agents); 0 when a value written is not finite.
+ */
+ALWAYS_INLINE int write_merged(const int dtype, const int wide, const int kept,
+                               const void *base, void *out, const void *idx, const void *val,
+                               int64_t first, int64_t last, int64_t lo, int64_t shift,
+                               float lambda, float epsilon, const float *restrict sum,
+                               const uint8_t *restrict count) {
+    int finite = 1;
+    for (int64_t k = first; k < last; k++) {
+        const int64_t p = index_at(idx, wide, k) - shift, q = p - lo;
+        const float base_value = load(dtype, base, p);
+        if (!kept && !(fabsf(load(dtype, val, k) - base_value) > epsilon)) continue; /* not t's */
+        const unsigned c = count[q];
+        const float merged = sum[q] / (float)c * (c == 1 ? lambda : 1.0f);
+        finite &= store(dtype, out, p, merged != 0.0f ? base_value + merged : base_value);
+    }
+    return finite;
+}
+
+/* the whole merge of ram_merge_at for one dtype */
+ALWAYS_INLINE int merge(const int dtype, int64_t n, const void *base, void *out, int agents,
+                        const void *const *indices, const int *wide, const int64_t *nnz,
+                        int64_t shift, const void *const *values, const float *lambdas,
+                        const float *stored_epsilon, float epsilon, float *restrict sum,
+                        uint8_t *restrict count, int64_t *at, int64_t *end) {
+    const int size = dtype == F32 ? 4 : 2;
+    for (int t = 0; t < agents; t++) at[t] = 0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        const int64_t hi = n - lo < BLOCK ? n : lo + BLOCK;
+        if (!copy_finite(dtype, (const uint8_t *)base + lo * size, (uint8_t *)out + lo * size,
+                         hi - lo))
+            return NOT_FINITE;
+        for (int t = 0; t < agents; t++) { /* this block's changes, added in agent order */
+            const int kept = epsilon <= stored_epsilon[t];
+            int flags = 0;
+            int64_t k;
+#define ADD(W, K) add_changes(dtype, W, K, base, indices[t], values[t], at[t], nnz[t], \
+                              lo + shift, hi + shift, lo, shift, stored_epsilon[t], epsilon, \
+                              sum, count, &flags)
+            if (wide[t]) k = kept ? ADD(1, 1) : ADD(1, 0);
+            else k = kept ? ADD(0, 1) : ADD(0, 0);
+#undef ADD
+            if (k < 0) return OUT_OF_RANGE;
+            if (flags & 1) return NOT_FINITE;
+            if (flags & 2) return NOT_CHANGED;
+            end[t] = k;
+        }
+        int finite = 1;
+        for (int t = 0; t < agents; t++) {
+            const int kept = epsilon <= stored_epsilon[t];
+#define WRITE(W, K) write_merged(dtype, W, K, base, out, indices[t], values[t], at[t], end[t], \
+                                 lo, shift, lambdas[t], epsilon, sum, count)
+            if (wide[t]) finite &= kept ? WRITE(1, 1) : WRITE(1, 0);
+            else finite &= kept ? WRITE(0, 1) : WRITE(0, 0);
+#undef WRITE
+            at[t] = end[t];
+        }
+        memset(sum, 0, (size_t)(hi - lo) * sizeof(float));
+        memset(count, 0, (size_t)(hi - lo));
+        if (!finite) return NOT_FINITE;
+    }
+    for (int t = 0; t < agents; t++)
+        if (at[t] != nnz[t]) return OUT_OF_RANGE;
+    return OK;
+}
+
+#define MERGE_ARGS                                                                             \
+    int64_t n, const void *base, void *out, int agents, const void *const *indices,           \
+        const int *wide, const int64_t *nnz, int64_t shift, const void *const *values,        \
+        const float *lambdas, const float *stored_epsilon, float epsilon, float *sum,         \
+        uint8_t *count, int64_t *at, int64_t *end
+#define MERGE_PASS n, base, out, agents, indices, wide, nnz, shift, values, lambdas, \
+                   stored_epsilon, epsilon, sum, count, at, end
+static int merge_bf16(MERGE_ARGS) { return merge(BF16, MERGE_PASS); }
+static int merge_f16(MERGE_ARGS) { return merge(F16, MERGE_PASS); }
+static int merge_f32(MERGE_ARGS) { return merge(F32, MERGE_PASS); }
 
 /*
  * Merge n elements of one tensor (flat, from element `shift` of it) from `agents` snapshots:
@@ -193,45 +241,73 @@ int ram_merge_at(int dtype, int64_t n, const void *base, void *out, int agents,
 /*
  * The overlap histogram of n elements from the agents' stored indices alone (the counting
  * pass of RAM+): hist[t * agents + k] += how many of agent t's changes exactly k other agents
- * changed too. `scratch` and `cursors` as above (only the BLOCK bytes are used).
+ * changed too. `scratch` and `cursors` as above (only the BLOCK bytes are used). Each agent's
+ * tally is kept in four interleaved copies: consecutive changes mostly hit the same count, and
+ * one copy would make every increment wait for the one before.
  */
 int ram_count_at(int64_t n, int agents, const void *const *indices, const int *wide,
                  const int64_t *nnz, int64_t shift, int64_t *hist, void *scratch,
                  int64_t *cursors) {
     if (agents >= 255) return OUT_OF_RANGE;
-    uint8_t *count = (uint8_t *)((float *)scratch + BLOCK);
+    uint8_t *restrict count = (uint8_t *)((float *)scratch + BLOCK);
     int64_t *at = cursors, *end = cursors + agents;
+    int64_t tally[4][256];
+    int status = OK;
     for (int t = 0; t < agents; t++) at[t] = 0;
-    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+    for (int64_t lo = 0; lo < n && status == OK; lo += BLOCK) {
         const int64_t hi = n - lo < BLOCK ? n : lo + BLOCK;
-        for (int t = 0; t < agents; t++) {
+        for (int t = 0; t < agents && status == OK; t++) {
+            const void *const idx = indices[t];
+            const int w = wide[t];
+            const int64_t last = nnz[t], top = hi + shift, bottom = lo + shift;
             int64_t k = at[t];
-            for (; k < nnz[t]; k++) {
-                const int64_t p = index_at(indices[t], wide[t], k) - shift;
-                if (p >= hi || p < lo) {
-                    if (p < lo || p >= n) {
-                        memset(count, 0, BLOCK);
-                        return OUT_OF_RANGE;
-                    }
-                    break;
-                }
-                count[p - lo] += 1;
+            for (; k < last; k++) {
+                const int64_t i = index_at(idx, w, k);
+                if (i >= top) break;
+                if (i < bottom) { status = OUT_OF_RANGE; break; }
+                count[i - bottom] += 1;
             }
             end[t] = k;
         }
-        for (int t = 0; t < agents; t++) {
-            int64_t *row = hist + (int64_t)t * agents - 1;
-            for (int64_t k = at[t]; k < end[t]; k++)
-                row[count[index_at(indices[t], wide[t], k) - shift - lo]] += 1;
+        for (int t = 0; t < agents && status == OK; t++) {
+            const void *const idx = indices[t];
+            const int w = wide[t];
+            const int64_t first = at[t], last = end[t], bottom = lo + shift;
+            memset(tally, 0, sizeof(tally));
+            for (int64_t k = first; k < last; k++)
+                tally[k & 3][count[index_at(idx, w, k) - bottom]] += 1;
+            for (int c = 1; c <= agents; c++)
+                hist[(int64_t)t * agents + c - 1] += tally[0][c] + tally[1][c] + tally[2][c] + tally[3][c];
+            at[t] = last;
         }
-        for (int t = 0; t < agents; t++) { /* clear what this block touched */
-            for (int64_t k = at[t]; k < end[t]; k++)
-                count[index_at(indices[t], wide[t], k) - shift - lo] = 0;
-            at[t] = end[t];
+        memset(count, 0, (size_t)(hi - lo));
+    }
+    for (int t = 0; t < agents && status == OK; t++)
+        if (at[t] != nnz[t]) status = OUT_OF_RANGE;
+    if (status != OK) memset(count, 0, BLOCK);
+    return status;
+}
+
+/*
+ * Where each row of a tensor starts in its sorted stored indices: offsets[r] = how many
+ * indices are below r * row_numel, for r = 0..rows, in one pass that also checks them. OK, or
+ * OUT_OF_RANGE when they are not strictly increasing within [0, rows * row_numel).
+ */
+int ram_row_offsets(const void *indices, int wide, int64_t nnz, int64_t row_numel, int64_t rows,
+                    int64_t *offsets) {
+    int64_t previous = -1, row = 0, next = row_numel;
+    offsets[0] = 0;
+    for (int64_t k = 0; k < nnz; k++) {
+        const int64_t i = index_at(indices, wide, k);
+        if (i <= previous) return OUT_OF_RANGE;
+        previous = i;
+        while (i >= next && row < rows) {
+            offsets[++row] = k;
+            next += row_numel;
         }
     }
-    for (int t = 0; t < agents; t++)
-        if (at[t] != nnz[t]) return OUT_OF_RANGE;
+    if (nnz > 0 && previous >= rows * row_numel) return OUT_OF_RANGE;
+    while (row < rows) offsets[++row] = nnz;
     return OK;
 }
 
@@ -247,5 +323,5 @@ void ram_round(int dtype, const float *in, void *out, int64_t n) {
 /* dtype -> float32 as the kernels widen (for tests) */
 void ram_widen(int dtype, const void *in, float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++)
-        out[i] = dtype == BF16 ? LOAD_BF16(in, i) : dtype == F16 ? LOAD_F16(in, i) : LOAD_F32(in, i);
+        out[i] = load(dtype, in, i);
 }

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ram_trl import native
 from ram_trl.errors import InputError
 from ram_trl.io import ModelFolder, TensorSpec, read_rows
 from ram_trl.snapshot.fingerprint import fingerprint_folder
@@ -190,8 +191,13 @@ class TaskVectorSource:
 
     def _offsets(self, e: TensorEntry) -> torch.Tensor:
         """``offsets[r]``: position in the sorted indices of the first element of row ``r``
-        (a binary search of every row start in each chunk of indices, summed over chunks)."""
+        (one pass of the compiled kernel over the indices, or a binary search of every row
+        start in each chunk of indices, summed over chunks; either checks them)."""
         with self._lock:
+            if e.name not in self._row_offsets and e.nnz:
+                found = _compiled_offsets(self._files.read(indices_key(e.name)), e)
+                if found is not None:
+                    self._row_offsets[e.name] = found
             if e.name not in self._row_offsets:
                 offsets = torch.zeros(e.rows + 1, dtype=torch.int64)
                 previous = -1
@@ -220,3 +226,12 @@ class TaskVectorSource:
 
     def __repr__(self) -> str:
         return f"TaskVectorSource({str(self.path)!r}, agent={self.agent!r})"
+
+
+def _compiled_offsets(indices: torch.Tensor, e: TensorEntry) -> torch.Tensor | None:
+    """:meth:`TaskVectorSource._offsets` by the compiled kernel, None without one (or when the
+    indices are out of order: the torch path then names the file)."""
+    lib = native.library()
+    if lib is None or not native.indexable([indices]):
+        return None
+    return native.row_offsets(lib, indices.reshape(-1), e.row_numel, e.rows)

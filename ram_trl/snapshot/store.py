@@ -37,6 +37,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,25 +551,37 @@ def open_store_agents(store: SnapshotStore, specs: list[str], base: Any) -> dict
     an entry that fails to open while it stays in place is really broken, and that is raised."""
     from ram_trl.snapshot.source import TaskVectorSource
 
+    def open_one(name: str, step: int | None) -> Any:
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while True:
+            path = _resolve(store, name, step)
+            before = _inode(path)
+            try:
+                return TaskVectorSource(path, base)
+            except InputError:
+                raced = before is None or _inode(path) != before
+                if not raced or time.monotonic() > deadline:
+                    raise
+            _backoff(attempt)
+            attempt += 1
+
+    # Opening reads every stored byte once for its checksum; hashlib lets go of the GIL, so
+    # the agents are opened side by side.
+    specs_ = _parse_specs(store, specs)
+    with ThreadPoolExecutor(max(1, min(len(specs_), len(os.sched_getaffinity(0)), 4))) as pool:
+        futures = [(name, pool.submit(open_one, name, step)) for name, step in specs_]
     opened: dict[str, Any] = {}
-    try:
-        for name, step in _parse_specs(store, specs):
-            deadline = time.monotonic() + RETRY_SECONDS
-            for attempt in range(1_000_000):
-                path = _resolve(store, name, step)
-                before = _inode(path)
-                try:
-                    opened[name] = TaskVectorSource(path, base)
-                    break
-                except InputError:
-                    raced = before is None or _inode(path) != before
-                    if not raced or time.monotonic() > deadline:
-                        raise
-                _backoff(attempt)
-    except BaseException:
+    failed: BaseException | None = None
+    for name, future in futures:
+        try:
+            opened[name] = future.result()
+        except BaseException as error:  # the first failure, in the specs' order, is raised
+            failed = failed or error
+    if failed is not None:
         for source in opened.values():
             source.close()
-        raise
+        raise failed
     return opened
 
 
