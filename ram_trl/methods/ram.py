@@ -246,7 +246,12 @@ def ram_merge_stored(
     base = chunk.base
     if lib is None or dtype != base.dtype or base.dtype not in native.DTYPES:
         return None
-    if base.device.type != "cpu" or not native.indexable(chunk.indices):
+    if base.device.type != "cpu" or not base.is_contiguous():
+        return None
+    if not native.indexable(chunk.indices) or not all(
+        v.dtype == base.dtype and v.is_contiguous() and v.numel() == i.numel()
+        for i, v in zip(chunk.indices, chunk.values, strict=True)
+    ):
         return None
     n = len(chunk.indices)
     lambdas = [1.0] * n if ctx.scales is None else ctx.scales.tolist()

@@ -89,12 +89,10 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _build(compiler: str, target: Path) -> None:
-    from ram_trl.io.atomic import reap_stale
-
     if shutil.which(compiler) is None:
         raise OSError(f"no C compiler {compiler!r} on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    reap_stale(target.parent)  # builds that died half-way
+    _reap(target.parent)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         done = subprocess.run(
@@ -108,6 +106,18 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _reap(folder: Path) -> None:
+    """Remove what builds killed half-way left (``.NAME.tmp-PID-HEX``, PID no longer alive).
+    This package sits below ``ram_trl.io`` (``methods`` uses it), hence its own few lines."""
+    for tmp in folder.glob(".*.tmp-*-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 2)[-2]), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
 
 
 def _scratch() -> torch.Tensor:
