@@ -13,7 +13,9 @@ scales the unique deltas. Without room for a spill, and for snapshots (counted f
 indices), they read every byte twice. TIES reads a tensor larger than one chunk three times
 (two sweeps for its exact thresholds). Both passes use the cores: the counting pass counts
 chunks on several threads, and the merge reads the next chunk and writes the last one on their
-own threads (``threads``, same bytes).
+own threads (``threads``, same bytes). Chunks of snapshots are merged by the method's compiled
+``merge_stored`` (:mod:`ram_trl.native`) straight from the stored indices and values, each cut
+into as many parts of rows as there are threads; without a C compiler, by its ``rule_at``.
 """
 
 from __future__ import annotations
