@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ram_trl import threads as worker_threads
 from ram_trl.merging import chunks
 from ram_trl.merging.chunks import default_threads, read_chunk, row_chunks, stored_changes
 from ram_trl.merging.inputs import MergeInputs, is_float_tensor
@@ -95,6 +96,8 @@ def count_overlaps(
             histograms[name] = torch.zeros((n, n), dtype=torch.int64)
             row_numel[name] = info.numel // max(info.rows, 1)
             work += [(name, start, stop) for start, stop in row_chunks(tuple(info.shape))]
+    if threads > 1:
+        worker_threads.prepare()
     pool = ThreadPoolExecutor(threads, "ram-trl-count") if threads > 1 else None
     with inputs.progress(progress, desc) as bar, pool or nullcontext():
         tensors = [inputs.base.tensors[name] for name in mine]

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ram_trl import threads as worker_threads
 from ram_trl.errors import InputError, OutputExistsError
 from ram_trl.io import (
     TensorSpec,
@@ -288,6 +289,7 @@ def merge_into(
     """
     threads = default_threads() if threads is None else threads
     if threads > 1:
+        worker_threads.prepare()
         sink = BackgroundSink(sink)
     spilled = {out.name for out in specs if spill is not None and spill.holds(out.name)}
     pool = ThreadPoolExecutor(threads - 1, "ram-trl-merge") if threads > 1 else None

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ram_trl import threads
 from ram_trl.errors import InputError, OutputError, OutputExistsError, describe_os_error
 from ram_trl.io import SAFE_NAME, check_name, fsync_path, replace_file
 from ram_trl.io.atomic import exchange, hold_lock_file, reap_stale
@@ -569,6 +570,7 @@ def open_store_agents(store: SnapshotStore, specs: list[str], base: Any) -> dict
     # Opening reads every stored byte once for its checksum; hashlib lets go of the GIL, so
     # the agents are opened side by side.
     specs_ = _parse_specs(store, specs)
+    threads.prepare()
     with ThreadPoolExecutor(max(1, min(len(specs_), len(os.sched_getaffinity(0)), 4))) as pool:
         futures = [(name, pool.submit(open_one, name, step)) for name, step in specs_]
     opened: dict[str, Any] = {}
