@@ -216,7 +216,7 @@ def test_ram_family_methods_have_the_compiled_merge():
 def test_build_is_cached_atomic_and_optional(tmp_path, monkeypatch, caplog):
     """Built once into the cache (a second load builds nothing), under a temporary name that a
     dead build leaves behind and the next one removes; without a compiler, or with
-    RAM_TRL_NATIVE=0, there is no library, one warning says why, and merges take torch."""
+    RAM_TRL_NATIVE=0, there is no library, one log line says why, and merges take torch."""
     require_native()
     monkeypatch.setenv("RAM_TRL_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", [])
@@ -237,13 +237,13 @@ def test_build_is_cached_atomic_and_optional(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(native, "_loaded", [])
     monkeypatch.setenv("RAM_TRL_CACHE", str(tmp_path / "other"))
     monkeypatch.setenv("CC", "no-such-compiler")
-    with caplog.at_level("WARNING", logger="ram_trl.native"):
+    with caplog.at_level("INFO", logger="ram_trl.native"):
         assert native.library() is None
     assert "no C compiler 'no-such-compiler'" in caplog.text
     monkeypatch.setattr(native, "_loaded", [])
     monkeypatch.setenv("CC", "false")  # a compiler that fails
     caplog.clear()
-    with caplog.at_level("WARNING", logger="ram_trl.native"):
+    with caplog.at_level("INFO", logger="ram_trl.native"):
         assert native.library() is None
     assert "false failed" in caplog.text
     assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]

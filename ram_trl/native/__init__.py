@@ -10,8 +10,9 @@ the way torch's ``cpp_extension``, DeepSpeed's ops and Triton build theirs. The 
 published atomically (a temporary name, then a rename), so concurrent jobs share it.
 
 Without a compiler, or with ``RAM_TRL_NATIVE=0``, :func:`library` is None and callers use the
-torch path: the same results, slower. A kernel reports trouble (a non-finite value, a damaged
-snapshot) as a status only; the caller then runs the torch path, which explains it.
+torch path: the same results, slower (the ``ram_trl.native`` logger says why, at INFO). A
+kernel reports trouble (a non-finite value, a damaged snapshot) as a status only; the caller
+then runs the torch path, which explains it.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def cache_dir() -> Path:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on the first call; None when they cannot be had (then a
-    warning says why, once) or ``RAM_TRL_NATIVE=0``."""
+    """The compiled kernels, built on the first call; None when they cannot be had (the
+    ``ram_trl.native`` logger says why, once, at INFO) or ``RAM_TRL_NATIVE=0``."""
     if os.environ.get("RAM_TRL_NATIVE", "1") == "0":
         return None
     with _lock:
@@ -77,7 +78,9 @@ def _load() -> ctypes.CDLL | None:
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning(
+        # info, not a warning: the torch path is correct, and a machine without a compiler
+        # would otherwise print this line with every merge
+        logger.info(
             "ram-trl: could not build its C kernels (%s); merges from snapshots take the torch "
             "path (same results, slower). RAM_TRL_NATIVE=0 skips the build.",
             str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__,
